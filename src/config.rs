@@ -1,0 +1,275 @@
+//! Settings: flags with environment fallbacks, validated at parse time, secrets redacted in `Debug`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use clap::Args;
+
+use crate::db::Backend;
+
+/// A secret string whose `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for signing and comparing only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+impl FromStr for Secret {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim().is_empty() {
+            return Err("must not be empty".into());
+        }
+        Ok(Self(s.trim().to_owned()))
+    }
+}
+
+/// The webhook secrets: the first signs, all verify (rotation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookSecrets(pub Vec<Secret>);
+
+impl FromStr for WebhookSecrets {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let secrets: Vec<Secret> = s.split(',').filter_map(|p| p.parse().ok()).collect();
+        if secrets.is_empty() {
+            return Err("expected one or more comma-separated secrets".into());
+        }
+        Ok(Self(secrets))
+    }
+}
+
+/// A database URL with a supported scheme.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(pub String);
+
+impl DatabaseUrl {
+    /// The backend the URL names.
+    pub fn backend(&self) -> Backend {
+        Backend::of_url(&self.0).expect("validated at parse time")
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    /// Hides a password (`scheme://user:password@host`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", redact_url(&self.0))
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+impl FromStr for DatabaseUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (scheme, rest) = s.split_once("://").ok_or_else(|| {
+            format!("{s:?} is not a URL (expected sqlite://PATH or postgres://...)")
+        })?;
+        if Backend::of_url(s).is_none() {
+            return Err(format!(
+                "unknown scheme {scheme:?} (expected sqlite or postgres)"
+            ));
+        }
+        if rest.is_empty() {
+            return Err("the URL names no database".into());
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// `scheme://user:****@host/...` for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((auth, host)) if auth.contains(':') => {
+            let user = auth.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:****@{host}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// An HTTP base URL (`http://` or `https://`), kept without a trailing slash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseUrl(pub String);
+
+impl FromStr for BaseUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parsed = reqwest::Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+            return Err(format!("{s:?} is not an http(s) URL"));
+        }
+        Ok(Self(s.trim_end_matches('/').to_owned()))
+    }
+}
+
+/// Every setting of rolesync. Each flag falls back to the environment variable it names.
+#[derive(Args, Clone, Debug)]
+pub struct Config {
+    /// Database: sqlite://PATH (created if missing) or postgres://USER@HOST/DB
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        value_name = "DATABASE_URL",
+        default_value = "sqlite://rolesync.db",
+        global = true
+    )]
+    pub database_url: DatabaseUrl,
+
+    /// Address `serve` binds
+    #[arg(
+        long,
+        env = "ROLESYNC_LISTEN",
+        value_name = "ROLESYNC_LISTEN",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
+    pub listen: SocketAddr,
+
+    /// Comma-separated webhook secrets; the first signs (replay), all verify
+    #[arg(
+        long,
+        env = "WORKOS_WEBHOOK_SECRET",
+        value_name = "WORKOS_WEBHOOK_SECRET",
+        hide_env_values = true,
+        global = true
+    )]
+    pub webhook_secret: Option<WebhookSecrets>,
+
+    /// Accepted clock difference of a webhook signature's timestamp, both directions
+    #[arg(
+        long,
+        env = "ROLESYNC_WEBHOOK_TOLERANCE_SECS",
+        value_name = "ROLESYNC_WEBHOOK_TOLERANCE_SECS",
+        default_value_t = 180,
+        global = true
+    )]
+    pub webhook_tolerance_secs: u32,
+
+    /// WorkOS API key (sk_...)
+    #[arg(
+        long,
+        env = "WORKOS_API_KEY",
+        value_name = "WORKOS_API_KEY",
+        hide_env_values = true,
+        global = true
+    )]
+    pub api_key: Option<Secret>,
+
+    /// WorkOS API base URL (tests point it at a local fake)
+    #[arg(
+        long,
+        env = "WORKOS_API_BASE_URL",
+        value_name = "WORKOS_API_BASE_URL",
+        default_value = "https://api.workos.com",
+        global = true
+    )]
+    pub api_base_url: BaseUrl,
+
+    /// Bearer token the web app presents to /v1/reconcile and /v1/memberships
+    #[arg(
+        long,
+        env = "ROLESYNC_LOGIN_TOKEN",
+        value_name = "ROLESYNC_LOGIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    pub login_token: Option<Secret>,
+
+    /// Database connections in the pool
+    #[arg(
+        long,
+        env = "ROLESYNC_DB_MAX_CONNECTIONS",
+        value_name = "ROLESYNC_DB_MAX_CONNECTIONS",
+        default_value_t = 8,
+        global = true
+    )]
+    pub db_max_connections: u32,
+}
+
+impl Config {
+    /// Defaults for everything, with this database (for tests and embedding).
+    pub fn with_database(url: &str) -> Result<Self, String> {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            config: Config,
+        }
+        Wrapper::try_parse_from(["rolesync", "--database-url", url])
+            .map(|w| w.config)
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_a_secret() {
+        let mut config = Config::with_database("postgres://app:hunter2@db/rolesync").unwrap();
+        config.webhook_secret = Some("whsec_one,whsec_two".parse().unwrap());
+        config.api_key = Some("sk_live_key".parse().unwrap());
+        config.login_token = Some("login-token".parse().unwrap());
+        let shown = format!("{config:?}");
+        for secret in [
+            "hunter2",
+            "whsec_one",
+            "whsec_two",
+            "sk_live_key",
+            "login-token",
+        ] {
+            assert!(!shown.contains(secret), "{secret} leaked into {shown}");
+        }
+    }
+
+    #[test]
+    fn database_urls_are_checked() {
+        for ok in [
+            "sqlite://rolesync.db",
+            "postgres://u@h/db",
+            "postgresql://u:p@h:5/d",
+        ] {
+            assert!(ok.parse::<DatabaseUrl>().is_ok(), "{ok} should parse");
+        }
+        for bad in ["rolesync.db", "mysql://h/db", "sqlite://", "http://x"] {
+            assert!(
+                bad.parse::<DatabaseUrl>().is_err(),
+                "{bad} should be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn webhook_secrets_split_on_commas() {
+        let s: WebhookSecrets = " a , b,,c ".parse().unwrap();
+        let exposed: Vec<&str> = s.0.iter().map(Secret::expose).collect();
+        assert_eq!(exposed, ["a", "b", "c"]);
+        assert!(" , ".parse::<WebhookSecrets>().is_err());
+    }
+}

@@ -1,0 +1,68 @@
+//! The request-path error type and its JSON answer `{"error": code, "message": text}`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::db::DbError;
+use crate::webhook::signature::SignatureError;
+
+/// Everything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("request body exceeds {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("could not read the request body")]
+    BodyUnreadable,
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+    #[error("{0}")]
+    InvalidPayload(String),
+    #[error("{0}")]
+    InvalidEvent(String),
+    #[error("no webhook secret is configured")]
+    WebhooksDisabled,
+    #[error("the database is unavailable; retry later")]
+    StorageUnavailable(#[source] DbError),
+}
+
+impl AppError {
+    /// HTTP status and stable error code.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::BodyUnreadable => (StatusCode::BAD_REQUEST, "invalid_payload"),
+            Self::Signature(e) => (
+                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED),
+                e.code(),
+            ),
+            Self::InvalidPayload(_) => (StatusCode::BAD_REQUEST, "invalid_payload"),
+            Self::InvalidEvent(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_event"),
+            Self::WebhooksDisabled => (StatusCode::SERVICE_UNAVAILABLE, "webhooks_disabled"),
+            Self::StorageUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
+        }
+    }
+}
+
+impl From<DbError> for AppError {
+    fn from(e: DbError) -> Self {
+        Self::StorageUnavailable(e)
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if let Self::StorageUnavailable(cause) = &self {
+            tracing::error!(error = %cause, "storage unavailable");
+        } else {
+            tracing::info!(status = status.as_u16(), error = code, "request refused");
+        }
+        (
+            status,
+            Json(json!({ "error": code, "message": self.to_string() })),
+        )
+            .into_response()
+    }
+}

@@ -1,0 +1,13 @@
+//! rolesync keeps an application's membership roles in step with WorkOS through one idempotent reconcile.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod reconcile;
+pub mod replay;
+pub mod server;
+pub mod table;
+pub mod timestamp;
+pub mod webhook;

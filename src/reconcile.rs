@@ -1,0 +1,302 @@
+//! The one idempotent reconcile: pure rules over (stored row, observation), and the transaction that applies them.
+
+use serde::Serialize;
+use sqlx::AnyConnection;
+
+use crate::db::{self, Db, DbError};
+use crate::timestamp::Timestamp;
+
+/// Which path observed the membership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Webhook,
+    Login,
+    Events,
+    Resync,
+    Replay,
+    Cli,
+}
+
+impl Source {
+    /// The word stored in `role_audit.source`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Webhook => "webhook",
+            Self::Login => "login",
+            Self::Events => "events",
+            Self::Resync => "resync",
+            Self::Replay => "replay",
+            Self::Cli => "cli",
+        }
+    }
+}
+
+/// What a reconcile decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Applied,
+    Unchanged,
+    Stale,
+    UnknownRole,
+    Removed,
+}
+
+impl Outcome {
+    /// The word used in answers and in `role_audit.outcome`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Unchanged => "unchanged",
+            Self::Stale => "stale",
+            Self::UnknownRole => "unknown_role",
+            Self::Removed => "removed",
+        }
+    }
+}
+
+/// Status of a membership that WorkOS deleted.
+pub const DELETED: &str = "deleted";
+
+/// What WorkOS holds for one membership, as seen by one path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    pub organization_id: String,
+    pub user_id: String,
+    pub membership_id: String,
+    /// The primary role slug WorkOS reported; `None` when it reported none.
+    pub role_slug: Option<String>,
+    pub status: String,
+    pub deleted: bool,
+    /// WorkOS `updated_at` of this state.
+    pub version: Timestamp,
+    pub source: Source,
+    pub event_id: Option<String>,
+}
+
+/// A `memberships` row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Membership {
+    pub organization_id: String,
+    pub user_id: String,
+    pub membership_id: String,
+    pub role_slug: Option<String>,
+    pub workos_role_slug: Option<String>,
+    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub version: Timestamp,
+    #[sqlx(try_from = "String")]
+    pub updated_at: Timestamp,
+}
+
+/// A `role_audit` row to append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub recorded_at: Timestamp,
+    pub organization_id: String,
+    pub user_id: String,
+    pub membership_id: String,
+    pub source: Source,
+    pub event_id: Option<String>,
+    pub workos_role_slug: Option<String>,
+    pub old_role: Option<String>,
+    pub new_role: Option<String>,
+    pub old_status: Option<String>,
+    pub new_status: Option<String>,
+    pub outcome: Outcome,
+    pub detail: String,
+    /// The observation's version.
+    pub version: Timestamp,
+}
+
+/// The result of the rules: the outcome, the row to write (if any) and the audit row (if any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub outcome: Outcome,
+    pub write: Option<Membership>,
+    pub audit: Option<AuditEntry>,
+    /// Append the audit row only if none for this membership records the same version yet, so a
+    /// repeated stale observation is audited once.
+    pub audit_once: bool,
+}
+
+/// Applies the rules, in order: stale, removed, unknown_role, unchanged, applied.
+/// `role_known` says whether the observed slug is in `roles`.
+pub fn decide(
+    stored: Option<&Membership>,
+    obs: &Observation,
+    role_known: bool,
+    now: Timestamp,
+) -> Decision {
+    let old_role = stored.and_then(|s| s.role_slug.clone());
+    let old_status = stored.map(|s| s.status.clone());
+    if let Some(s) = stored.filter(|s| s.version > obs.version) {
+        let detail = format!("stored version {} is newer than {}", s.version, obs.version);
+        let audit = audit(
+            obs,
+            now,
+            Outcome::Stale,
+            (old_role.clone(), old_role),
+            (old_status.clone(), old_status),
+            detail,
+        );
+        return Decision {
+            outcome: Outcome::Stale,
+            write: None,
+            audit: Some(audit),
+            audit_once: true,
+        };
+    }
+    let (new_role, new_status, outcome, detail) = if obs.deleted {
+        (
+            None,
+            DELETED.to_owned(),
+            Outcome::Removed,
+            "membership deleted in WorkOS".to_owned(),
+        )
+    } else if !role_known {
+        let detail = format!(
+            "role {:?} is not a known role; kept {}",
+            obs.role_slug.as_deref().unwrap_or(""),
+            old_role.as_deref().unwrap_or("no role")
+        );
+        (
+            old_role.clone(),
+            obs.status.clone(),
+            Outcome::UnknownRole,
+            detail,
+        )
+    } else {
+        (
+            obs.role_slug.clone(),
+            obs.status.clone(),
+            Outcome::Applied,
+            describe_change(&old_role, &old_status, &obs.role_slug, &obs.status),
+        )
+    };
+    let row = Membership {
+        organization_id: obs.organization_id.clone(),
+        user_id: obs.user_id.clone(),
+        membership_id: obs.membership_id.clone(),
+        role_slug: new_role.clone(),
+        workos_role_slug: obs.role_slug.clone(),
+        status: new_status.clone(),
+        version: obs.version,
+        updated_at: now,
+    };
+    if let Some(s) = stored.filter(|s| is_repeat(s, &row, outcome)) {
+        let write = says_more(s, &row).then_some(row);
+        return Decision {
+            outcome: Outcome::Unchanged,
+            write,
+            audit: None,
+            audit_once: false,
+        };
+    }
+    let audit = audit(
+        obs,
+        now,
+        outcome,
+        (old_role, new_role),
+        (old_status, Some(new_status)),
+        detail,
+    );
+    Decision {
+        outcome,
+        write: Some(row),
+        audit: Some(audit),
+        audit_once: false,
+    }
+}
+
+/// Whether the new row repeats the stored role and status (for a refused slug: the same refused slug),
+/// which makes the observation `unchanged`.
+fn is_repeat(stored: &Membership, row: &Membership, outcome: Outcome) -> bool {
+    stored.role_slug == row.role_slug
+        && stored.status == row.status
+        && (outcome != Outcome::UnknownRole || stored.workos_role_slug == row.workos_role_slug)
+}
+
+/// Whether an unchanged observation still moves the row on (a newer version, a new reported slug).
+fn says_more(stored: &Membership, row: &Membership) -> bool {
+    stored.version < row.version
+        || stored.workos_role_slug != row.workos_role_slug
+        || stored.membership_id != row.membership_id
+}
+
+fn describe_change(
+    old_role: &Option<String>,
+    old_status: &Option<String>,
+    new_role: &Option<String>,
+    new_status: &str,
+) -> String {
+    let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".to_owned());
+    format!(
+        "role {} -> {}, status {} -> {}",
+        show(old_role),
+        show(new_role),
+        show(old_status),
+        new_status
+    )
+}
+
+type Pair = (Option<String>, Option<String>);
+
+fn audit(
+    obs: &Observation,
+    now: Timestamp,
+    outcome: Outcome,
+    role: Pair,
+    status: Pair,
+    detail: String,
+) -> AuditEntry {
+    AuditEntry {
+        recorded_at: now,
+        organization_id: obs.organization_id.clone(),
+        user_id: obs.user_id.clone(),
+        membership_id: obs.membership_id.clone(),
+        source: obs.source,
+        event_id: obs.event_id.clone(),
+        workos_role_slug: obs.role_slug.clone(),
+        old_role: role.0,
+        new_role: role.1,
+        old_status: status.0,
+        new_status: status.1,
+        outcome,
+        detail,
+        version: obs.version,
+    }
+}
+
+/// Reconciles one observation in its own transaction.
+pub async fn reconcile(db: &Db, obs: &Observation, now: Timestamp) -> Result<Outcome, DbError> {
+    let mut tx = db.begin_write().await?;
+    let outcome = reconcile_in(&mut tx, db, obs, now).await?;
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// Reconciles one observation inside the caller's write transaction (which the caller commits).
+pub async fn reconcile_in(
+    conn: &mut AnyConnection,
+    db: &Db,
+    obs: &Observation,
+    now: Timestamp,
+) -> Result<Outcome, DbError> {
+    db.lock_membership(&mut *conn, &obs.organization_id, &obs.user_id)
+        .await?;
+    let stored = db::memberships::get(&mut *conn, &obs.organization_id, &obs.user_id).await?;
+    let role_known = match &obs.role_slug {
+        Some(slug) => db::roles::exists(&mut *conn, slug).await?,
+        None => false,
+    };
+    let decision = decide(stored.as_ref(), obs, role_known, now);
+    if let Some(row) = &decision.write {
+        db::memberships::upsert(&mut *conn, row).await?;
+    }
+    if let Some(entry) = &decision.audit {
+        db::audit::insert(&mut *conn, entry, decision.audit_once).await?;
+    }
+    Ok(decision.outcome)
+}

@@ -1,0 +1,159 @@
+//! `rolesync replay`: sign fixture and scenario files with the first webhook secret and POST them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::table;
+use crate::timestamp::Timestamp;
+use crate::webhook::signature;
+
+/// Where `replay` delivers unless told otherwise.
+pub const DEFAULT_URL: &str = "http://127.0.0.1:8080/webhooks/workos";
+
+/// One body to deliver and where it came from.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub label: String,
+    pub body: Vec<u8>,
+}
+
+/// Reads files and folders (sorted, `*.json`) into deliveries. A file holding an object with a
+/// `deliveries` array is a scenario and yields each event in order; any other file is sent byte for byte.
+pub fn load(paths: &[PathBuf]) -> Result<Vec<Delivery>> {
+    let mut out = Vec::new();
+    for path in paths {
+        for file in json_files(path)? {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            out.extend(deliveries_of(&file, bytes)?);
+        }
+    }
+    Ok(out)
+}
+
+fn json_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut files = Vec::new();
+    for entry in
+        std::fs::read_dir(path).with_context(|| format!("cannot list {}", path.display()))?
+    {
+        let p = entry?.path();
+        if p.is_dir() {
+            files.extend(json_files(&p)?);
+        } else if p.extension().is_some_and(|e| e == "json") {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn deliveries_of(file: &Path, bytes: Vec<u8>) -> Result<Vec<Delivery>> {
+    let name = file.display().to_string();
+    let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
+    match parsed
+        .as_ref()
+        .and_then(|v| v.get("deliveries"))
+        .and_then(Value::as_array)
+    {
+        Some(events) => events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                Ok(Delivery {
+                    label: format!("{name}#{}", i + 1),
+                    body: serde_json::to_vec(e)?,
+                })
+            })
+            .collect(),
+        None => Ok(vec![Delivery {
+            label: name,
+            body: bytes,
+        }]),
+    }
+}
+
+/// The `WorkOS-Signature` header value for a body, signed now.
+pub fn sign_now(body: &[u8], secret: &str) -> String {
+    signature::sign(body, secret.as_bytes(), Timestamp::now().millis())
+}
+
+/// Delivers every file and prints a table; fails when any delivery was not answered 2xx.
+pub async fn run(config: &Config, paths: &[PathBuf], url: &str) -> Result<ExitCode> {
+    let Some(secret) = config.webhook_secret.as_ref().and_then(|s| s.0.first()) else {
+        bail!("WORKOS_WEBHOOK_SECRET: not set; replay signs with the first secret");
+    };
+    let deliveries = load(paths)?;
+    let client = reqwest::Client::new();
+    let mut rows = Vec::new();
+    let mut totals: BTreeMap<String, usize> = BTreeMap::new();
+    let mut failed = 0;
+    for d in &deliveries {
+        let (status, outcome, ok) = send(&client, url, secret.expose(), &d.body).await;
+        failed += usize::from(!ok);
+        *totals.entry(outcome.clone()).or_default() += 1;
+        rows.push(vec![d.label.clone(), event_id(&d.body), status, outcome]);
+    }
+    print!(
+        "{}",
+        table::render(&["FILE", "EVENT", "HTTP", "OUTCOME"], &rows)
+    );
+    let summary: Vec<String> = totals.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!(
+        "{} deliveries, {} failed: {}",
+        deliveries.len(),
+        failed,
+        summary.join(" ")
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn send(
+    client: &reqwest::Client,
+    url: &str,
+    secret: &str,
+    body: &[u8],
+) -> (String, String, bool) {
+    let response = client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("WorkOS-Signature", sign_now(body, secret))
+        .body(body.to_vec())
+        .send()
+        .await;
+    match response {
+        Ok(r) => {
+            let status = r.status();
+            let json: Value = r.json().await.unwrap_or(Value::Null);
+            let outcome = json
+                .get("outcome")
+                .or_else(|| json.get("error"))
+                .and_then(Value::as_str);
+            (
+                status.as_u16().to_string(),
+                outcome.unwrap_or("-").to_owned(),
+                status.is_success(),
+            )
+        }
+        Err(e) => ("-".into(), format!("error: {}", e.without_url()), false),
+    }
+}
+
+fn event_id(body: &[u8]) -> String {
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    v.get("id")
+        .and_then(Value::as_str)
+        .unwrap_or("-")
+        .to_owned()
+}
