@@ -116,22 +116,36 @@ pub struct Decision {
     pub outcome: Outcome,
     pub write: Option<Membership>,
     pub audit: Option<AuditEntry>,
-    /// Append the audit row only if none for this membership records the same version yet, so a
-    /// repeated stale observation is audited once.
-    pub audit_once: bool,
+}
+
+/// What the audit trail says a membership was as of a version: the latest row at or before it
+/// (stale rows count only at exactly that version).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct HistoryMark {
+    #[sqlx(try_from = "String")]
+    pub version: Timestamp,
+    pub workos_role_slug: Option<String>,
+    pub new_status: Option<String>,
+}
+
+/// Whether the stored row is newer than the observation (rule 1).
+pub fn is_stale(stored: Option<&Membership>, obs: &Observation) -> bool {
+    stored.is_some_and(|s| s.version > obs.version)
 }
 
 /// Applies the rules, in order: stale, removed, unknown_role, unchanged, applied.
-/// `role_known` says whether the observed slug is in `roles`.
+/// `role_known` says whether the observed slug is in `roles`; `history` is the audit trail as of the
+/// observation's version, read only for a stale observation.
 pub fn decide(
     stored: Option<&Membership>,
     obs: &Observation,
     role_known: bool,
+    history: Option<&HistoryMark>,
     now: Timestamp,
 ) -> Decision {
     let old_role = stored.and_then(|s| s.role_slug.clone());
     let old_status = stored.map(|s| s.status.clone());
-    if let Some(s) = stored.filter(|s| s.version > obs.version) {
+    if let Some(s) = stored.filter(|_| is_stale(stored, obs)) {
         let detail = format!("stored version {} is newer than {}", s.version, obs.version);
         let audit = audit(
             obs,
@@ -141,11 +155,11 @@ pub fn decide(
             (old_status.clone(), old_status),
             detail,
         );
+        let news = !history.is_some_and(|h| already_known(h, obs));
         return Decision {
             outcome: Outcome::Stale,
             write: None,
-            audit: Some(audit),
-            audit_once: true,
+            audit: news.then_some(audit),
         };
     }
     let (new_role, new_status, outcome, detail) = if obs.deleted {
@@ -191,7 +205,6 @@ pub fn decide(
             outcome: Outcome::Unchanged,
             write,
             audit: None,
-            audit_once: false,
         };
     }
     let audit = audit(
@@ -206,8 +219,20 @@ pub fn decide(
         outcome,
         write: Some(row),
         audit: Some(audit),
-        audit_once: false,
     }
+}
+
+/// A stale observation the trail already accounts for: one decided before (same version), or one that
+/// says what the membership was at that version. Such a late repeat writes no audit row.
+fn already_known(history: &HistoryMark, obs: &Observation) -> bool {
+    let status = if obs.deleted {
+        DELETED
+    } else {
+        obs.status.as_str()
+    };
+    history.version == obs.version
+        || (history.workos_role_slug == obs.role_slug
+            && history.new_status.as_deref() == Some(status))
 }
 
 /// Whether the new row repeats the stored role and status (for a refused slug: the same refused slug),
@@ -291,12 +316,18 @@ pub async fn reconcile_in(
         Some(slug) => db::roles::exists(&mut *conn, slug).await?,
         None => false,
     };
-    let decision = decide(stored.as_ref(), obs, role_known, now);
+    let history = match is_stale(stored.as_ref(), obs) {
+        true => {
+            db::audit::as_of(&mut *conn, &obs.organization_id, &obs.user_id, obs.version).await?
+        }
+        false => None,
+    };
+    let decision = decide(stored.as_ref(), obs, role_known, history.as_ref(), now);
     if let Some(row) = &decision.write {
         db::memberships::upsert(&mut *conn, row).await?;
     }
     if let Some(entry) = &decision.audit {
-        db::audit::insert(&mut *conn, entry, decision.audit_once).await?;
+        db::audit::insert(&mut *conn, entry).await?;
     }
     Ok(decision.outcome)
 }

@@ -4,7 +4,8 @@ use serde::Serialize;
 use sqlx::{Any, Executor};
 
 use super::DbError;
-use crate::reconcile::AuditEntry;
+use crate::reconcile::{AuditEntry, HistoryMark};
+use crate::timestamp::Timestamp;
 
 /// A stored audit row, as read back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -26,24 +27,15 @@ pub struct AuditRow {
     pub version: String,
 }
 
-/// Appends one row. With `once`, nothing is appended when a row for the same membership already
-/// records the same observed version.
+/// Appends one row.
 pub async fn insert<'c>(
     conn: impl Executor<'c, Database = Any>,
     e: &AuditEntry,
-    once: bool,
 ) -> Result<(), DbError> {
-    let guard = if once {
-        " WHERE NOT EXISTS (SELECT 1 FROM role_audit WHERE organization_id = $2 AND user_id = $3 AND version = $14)"
-    } else {
-        ""
-    };
-    let sql = format!(
-        "INSERT INTO role_audit (recorded_at, organization_id, user_id, membership_id, source, event_id, \
+    let sql = "INSERT INTO role_audit (recorded_at, organization_id, user_id, membership_id, source, event_id, \
          workos_role_slug, old_role, new_role, old_status, new_status, outcome, detail, version) \
-         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14{guard}"
-    );
-    sqlx::query(&sql)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
+    sqlx::query(sql)
         .bind(e.recorded_at.to_string())
         .bind(&e.organization_id)
         .bind(&e.user_id)
@@ -80,5 +72,25 @@ pub async fn list<'c>(
     .bind(user_id)
     .bind(limit)
     .fetch_all(conn)
+    .await?)
+}
+
+/// The trail of a membership as of `version`: the latest row at or before it, where a stale row
+/// counts only at exactly that version.
+pub async fn as_of<'c>(
+    conn: impl Executor<'c, Database = Any>,
+    organization_id: &str,
+    user_id: &str,
+    version: Timestamp,
+) -> Result<Option<HistoryMark>, DbError> {
+    Ok(sqlx::query_as(
+        "SELECT version, workos_role_slug, new_status FROM role_audit \
+         WHERE organization_id = $1 AND user_id = $2 AND version <= $3 AND (outcome <> 'stale' OR version = $3) \
+         ORDER BY version DESC, id DESC LIMIT 1",
+    )
+    .bind(organization_id)
+    .bind(user_id)
+    .bind(version.to_string())
+    .fetch_optional(conn)
     .await?)
 }

@@ -1,0 +1,55 @@
+//! Migrations: idempotent, and the same tables and columns on both backends.
+
+use std::collections::BTreeSet;
+
+use rolesync::db::{Backend, Db};
+
+use crate::support::TestDb;
+
+async fn columns(db: &Db) -> BTreeSet<(String, String)> {
+    let sql = match db.backend() {
+        Backend::Sqlite => {
+            "SELECT m.name, p.name FROM sqlite_master m JOIN pragma_table_info(m.name) p \
+             WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' AND m.name NOT LIKE '_sqlx%'"
+        }
+        Backend::Postgres => {
+            "SELECT table_name::text, column_name::text FROM information_schema.columns \
+             WHERE table_schema = 'public' AND table_name NOT LIKE '_sqlx%'"
+        }
+    };
+    let rows: Vec<(String, String)> = sqlx::query_as(sql).fetch_all(db.pool()).await.unwrap();
+    rows.into_iter().collect()
+}
+
+both! {
+    async fn migrating_twice_is_a_no_op(t) {
+        let before = columns(&t.db).await;
+        t.db.migrate().await.expect("second migrate");
+        assert_eq!(columns(&t.db).await, before);
+        let roles = rolesync::db::roles::list(t.db.pool()).await.unwrap();
+        assert_eq!(roles, ["admin", "member"], "seeded roles, once");
+        t.db.check_ready().await.expect("ready after migrations");
+    }
+}
+
+#[tokio::test]
+async fn both_migration_sets_produce_the_same_tables_and_columns() {
+    let sqlite = TestDb::new(Backend::Sqlite).await;
+    let postgres = TestDb::new(Backend::Postgres).await;
+    let (s, p) = (columns(&sqlite.db).await, columns(&postgres.db).await);
+    assert_eq!(s, p, "SQLite and PostgreSQL schemas differ");
+    for column in [
+        "membership_id",
+        "role_slug",
+        "workos_role_slug",
+        "status",
+        "version",
+        "updated_at",
+    ] {
+        assert!(
+            s.contains(&("memberships".into(), column.into())),
+            "memberships.{column}"
+        );
+    }
+    assert_eq!(s.iter().filter(|(t, _)| t == "role_audit").count(), 15);
+}

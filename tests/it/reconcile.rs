@@ -1,0 +1,432 @@
+//! The reconcile rules, their audit rows, convergence under any order, and concurrent writers.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use rolesync::db::{Backend, Db};
+use rolesync::reconcile::{reconcile, Observation, Outcome};
+
+use crate::support::{assert_chain, audit_of, membership, obs, v, TestDb};
+
+/// outcome, old_role, new_role, old_status, new_status of an expected audit row.
+type AuditExpectation = (
+    &'static str,
+    Option<&'static str>,
+    Option<&'static str>,
+    Option<&'static str>,
+    &'static str,
+);
+
+/// One rule case: observations applied first, then the one under test and what it must do.
+struct Case {
+    what: &'static str,
+    before: Vec<Observation>,
+    then: Observation,
+    outcome: Outcome,
+    /// role_slug, workos_role_slug, status, version of the row afterwards
+    row: (
+        Option<&'static str>,
+        Option<&'static str>,
+        &'static str,
+        i64,
+    ),
+    /// outcome, old_role, new_role, old_status, new_status of the new audit row; None when none
+    audit: Option<AuditExpectation>,
+}
+
+fn cases() -> Vec<Case> {
+    let member = |n| obs(n, Some("member"), "active", false);
+    let admin = |n| obs(n, Some("admin"), "active", false);
+    let creator = |n| obs(n, Some("creator"), "active", false);
+    let deleted = |n| obs(n, Some("member"), "active", true);
+    vec![
+        Case {
+            what: "a new membership is applied",
+            before: vec![],
+            then: member(1),
+            outcome: Outcome::Applied,
+            row: (Some("member"), Some("member"), "active", 1),
+            audit: Some(("applied", None, Some("member"), None, "active")),
+        },
+        Case {
+            what: "a role change is applied",
+            before: vec![member(1)],
+            then: admin(2),
+            outcome: Outcome::Applied,
+            row: (Some("admin"), Some("admin"), "active", 2),
+            audit: Some((
+                "applied",
+                Some("member"),
+                Some("admin"),
+                Some("active"),
+                "active",
+            )),
+        },
+        Case {
+            what: "a status change is applied",
+            before: vec![member(1)],
+            then: obs(2, Some("member"), "inactive", false),
+            outcome: Outcome::Applied,
+            row: (Some("member"), Some("member"), "inactive", 2),
+            audit: Some((
+                "applied",
+                Some("member"),
+                Some("member"),
+                Some("active"),
+                "inactive",
+            )),
+        },
+        Case {
+            what: "an older observation is stale and changes nothing",
+            before: vec![admin(5)],
+            then: member(3),
+            outcome: Outcome::Stale,
+            row: (Some("admin"), Some("admin"), "active", 5),
+            audit: Some((
+                "stale",
+                Some("admin"),
+                Some("admin"),
+                Some("active"),
+                "active",
+            )),
+        },
+        Case {
+            what: "a repeated stale observation is audited once",
+            before: vec![admin(5), member(3)],
+            then: member(3),
+            outcome: Outcome::Stale,
+            row: (Some("admin"), Some("admin"), "active", 5),
+            audit: None,
+        },
+        Case {
+            what: "a late repeat of an applied observation writes no audit",
+            before: vec![member(1), admin(5)],
+            then: member(1),
+            outcome: Outcome::Stale,
+            row: (Some("admin"), Some("admin"), "active", 5),
+            audit: None,
+        },
+        Case {
+            what: "a deletion leaves a tombstone without role",
+            before: vec![admin(1)],
+            then: deleted(2),
+            outcome: Outcome::Removed,
+            row: (None, Some("member"), "deleted", 2),
+            audit: Some(("removed", Some("admin"), None, Some("active"), "deleted")),
+        },
+        Case {
+            what: "a deletion of an unknown membership is recorded",
+            before: vec![],
+            then: deleted(2),
+            outcome: Outcome::Removed,
+            row: (None, Some("member"), "deleted", 2),
+            audit: Some(("removed", None, None, None, "deleted")),
+        },
+        Case {
+            what: "a second deletion is unchanged and advances the version",
+            before: vec![admin(1), deleted(2)],
+            then: deleted(3),
+            outcome: Outcome::Unchanged,
+            row: (None, Some("member"), "deleted", 3),
+            audit: None,
+        },
+        Case {
+            what: "a late older update cannot resurrect a deleted membership",
+            before: vec![admin(1), deleted(3)],
+            then: member(2),
+            outcome: Outcome::Stale,
+            row: (None, Some("member"), "deleted", 3),
+            audit: Some(("stale", None, None, Some("deleted"), "deleted")),
+        },
+        Case {
+            what: "an unknown role keeps the stored role",
+            before: vec![member(1)],
+            then: creator(2),
+            outcome: Outcome::UnknownRole,
+            row: (Some("member"), Some("creator"), "active", 2),
+            audit: Some((
+                "unknown_role",
+                Some("member"),
+                Some("member"),
+                Some("active"),
+                "active",
+            )),
+        },
+        Case {
+            what: "an unknown role never grants a role to a new membership",
+            before: vec![],
+            then: creator(1),
+            outcome: Outcome::UnknownRole,
+            row: (None, Some("creator"), "active", 1),
+            audit: Some(("unknown_role", None, None, None, "active")),
+        },
+        Case {
+            what: "the same unknown role again is unchanged",
+            before: vec![member(1), creator(2)],
+            then: creator(3),
+            outcome: Outcome::Unchanged,
+            row: (Some("member"), Some("creator"), "active", 3),
+            audit: None,
+        },
+        Case {
+            what: "an identical newer observation only advances the version",
+            before: vec![member(1)],
+            then: member(2),
+            outcome: Outcome::Unchanged,
+            row: (Some("member"), Some("member"), "active", 2),
+            audit: None,
+        },
+        Case {
+            what: "the same observation twice changes nothing the second time",
+            before: vec![admin(4)],
+            then: admin(4),
+            outcome: Outcome::Unchanged,
+            row: (Some("admin"), Some("admin"), "active", 4),
+            audit: None,
+        },
+        Case {
+            what: "an equal version is not stale",
+            before: vec![member(4)],
+            then: admin(4),
+            outcome: Outcome::Applied,
+            row: (Some("admin"), Some("admin"), "active", 4),
+            audit: Some((
+                "applied",
+                Some("member"),
+                Some("admin"),
+                Some("active"),
+                "active",
+            )),
+        },
+        Case {
+            what: "a newer update after a deletion re-creates the membership",
+            before: vec![admin(1), deleted(2)],
+            then: member(3),
+            outcome: Outcome::Applied,
+            row: (Some("member"), Some("member"), "active", 3),
+            audit: Some(("applied", None, Some("member"), Some("deleted"), "active")),
+        },
+    ]
+}
+
+async fn run_case(db: &Db, case: &Case) {
+    for (i, o) in case.before.iter().enumerate() {
+        reconcile(db, o, v(100 + i as i64)).await.unwrap();
+    }
+    let audit_before = audit_of(db, "org_1", "user_1").await.len();
+    let outcome = reconcile(db, &case.then, v(200)).await.unwrap();
+    assert_eq!(outcome, case.outcome, "{}: outcome", case.what);
+    let row = membership(db, "org_1", "user_1").await.expect("row exists");
+    let got = (
+        row.role_slug.as_deref(),
+        row.workos_role_slug.as_deref(),
+        row.status.as_str(),
+        row.version,
+    );
+    let (role, workos, status, version) = case.row;
+    assert_eq!(
+        got,
+        (role, workos, status, v(version)),
+        "{}: stored row",
+        case.what
+    );
+    let audit = audit_of(db, "org_1", "user_1").await;
+    assert_chain(&audit);
+    match case.audit {
+        None => assert_eq!(
+            audit.len(),
+            audit_before,
+            "{}: no audit row expected",
+            case.what
+        ),
+        Some((outcome, old_role, new_role, old_status, new_status)) => {
+            assert_eq!(
+                audit.len(),
+                audit_before + 1,
+                "{}: one audit row expected",
+                case.what
+            );
+            let r = audit.last().unwrap();
+            let got = (
+                r.outcome.as_str(),
+                r.old_role.as_deref(),
+                r.new_role.as_deref(),
+                r.old_status.as_deref(),
+                r.new_status.as_deref(),
+            );
+            assert_eq!(
+                got,
+                (outcome, old_role, new_role, old_status, Some(new_status)),
+                "{}: audit values",
+                case.what
+            );
+            let t = &case.then;
+            assert_eq!(
+                (
+                    r.organization_id.as_str(),
+                    r.user_id.as_str(),
+                    r.membership_id.as_str(),
+                    r.source.as_str()
+                ),
+                ("org_1", "user_1", "om_1", "cli"),
+                "{}: audit identity",
+                case.what
+            );
+            assert_eq!(
+                r.workos_role_slug, t.role_slug,
+                "{}: audit workos slug",
+                case.what
+            );
+            assert_eq!(r.event_id, None, "{}: audit event id", case.what);
+            assert_eq!(
+                r.version,
+                t.version.to_string(),
+                "{}: audit version",
+                case.what
+            );
+            assert_eq!(
+                r.recorded_at,
+                v(200).to_string(),
+                "{}: audit time",
+                case.what
+            );
+            assert!(!r.detail.is_empty(), "{}: audit detail", case.what);
+        }
+    }
+}
+
+both! {
+    async fn every_rule_decides_and_audits_as_specified(t) {
+        for case in cases() {
+            let fresh = TestDb::new(t.db.backend()).await;
+            run_case(&fresh.db, &case).await;
+        }
+    }
+
+    async fn concurrent_reconciles_of_one_membership_serialize(t) {
+        let sixteen = TestDb::with_connections(t.db.backend(), 16).await;
+        concurrent_reconciles(&sixteen.db).await;
+    }
+}
+
+/// The newest observation decides the final row.
+fn expected_final(observations: &[Observation]) -> (Option<String>, String) {
+    let newest = observations.iter().max_by_key(|o| o.version).unwrap();
+    if newest.deleted {
+        (None, "deleted".into())
+    } else {
+        (newest.role_slug.clone(), newest.status.clone())
+    }
+}
+
+async fn concurrent_reconciles(db: &Db) {
+    let roles = ["admin", "member"];
+    let statuses = ["active", "inactive", "pending"];
+    let observations: Vec<Observation> = (1..=64)
+        .map(|n| {
+            obs(
+                n,
+                Some(roles[fastrand::usize(..2)]),
+                statuses[fastrand::usize(..3)],
+                n % 11 == 0,
+            )
+        })
+        .collect();
+    let mut shuffled = observations.clone();
+    fastrand::shuffle(&mut shuffled);
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let db = db.clone();
+            let mine: Vec<Observation> = shuffled.iter().skip(i).step_by(16).cloned().collect();
+            tokio::spawn(async move {
+                for o in mine {
+                    reconcile(&db, &o, o.version).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let row = membership(db, "org_1", "user_1").await.unwrap();
+    assert_eq!(
+        (row.role_slug, row.status),
+        expected_final(&observations),
+        "final state is the newest"
+    );
+    assert_eq!(row.version, v(64));
+    let audit = audit_of(db, "org_1", "user_1").await;
+    assert_chain(&audit);
+    assert_versions_audited_once(&audit);
+}
+
+fn assert_versions_audited_once(audit: &[rolesync::db::audit::AuditRow]) {
+    let mut seen = BTreeMap::new();
+    for r in audit {
+        *seen.entry(r.version.clone()).or_insert(0) += 1;
+    }
+    assert!(
+        seen.values().all(|&n| n == 1),
+        "a version was audited twice: {seen:?}"
+    );
+}
+
+/// Any order of any multiset of observations (distinct versions) ends in the newest state, with a
+/// consistent audit chain and no audit row for a repeated observation.
+fn convergence_property(backend: Backend) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let t = rt.block_on(TestDb::new(backend));
+    let observation = (
+        prop::sample::select(vec!["admin", "member"]),
+        prop::sample::select(vec!["active", "inactive", "pending"]),
+        prop::bool::weighted(0.2),
+    );
+    let strategy =
+        prop::collection::vec((observation, 1usize..=3), 1..8).prop_flat_map(|distinct| {
+            let deliveries: Vec<usize> = distinct
+                .iter()
+                .enumerate()
+                .flat_map(|(i, (_, n))| std::iter::repeat_n(i, *n))
+                .collect();
+            (Just(distinct), Just(deliveries).prop_shuffle())
+        });
+    let counter = std::sync::atomic::AtomicUsize::new(0);
+    let config = ProptestConfig {
+        cases: 48,
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |((distinct, order) in strategy)| {
+        let user = format!("user_p{}", counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let observations: Vec<Observation> = distinct.iter().enumerate().map(|(i, ((role, status, deleted), _))| {
+            let mut o = obs(i as i64 + 1, Some(role), status, *deleted);
+            o.user_id = user.clone();
+            o
+        }).collect();
+        rt.block_on(async {
+            for &i in &order {
+                reconcile(&t.db, &observations[i], v(500)).await.unwrap();
+            }
+            let row = membership(&t.db, "org_1", &user).await.unwrap();
+            prop_assert_eq!((row.role_slug, row.status), expected_final(&observations));
+            let audit = audit_of(&t.db, "org_1", &user).await;
+            assert_chain(&audit);
+            prop_assert!(audit.len() <= observations.len(), "more audit rows than distinct observations");
+            assert_versions_audited_once(&audit);
+            Ok(())
+        })?;
+    });
+}
+
+#[test]
+fn any_order_of_observations_converges_on_sqlite() {
+    convergence_property(Backend::Sqlite);
+}
+
+#[test]
+fn any_order_of_observations_converges_on_postgres() {
+    convergence_property(Backend::Postgres);
+}

@@ -1,0 +1,1 @@
+//! The webhook receiver: signatures, deduplication, ordering, durability, fixtures and scenarios.
