@@ -1,1 +1,298 @@
 //! The webhook receiver: signatures, deduplication, ordering, durability, fixtures and scenarios.
+
+use std::path::PathBuf;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use rolesync::db;
+use rolesync::replay;
+use rolesync::webhook::signature;
+use serde_json::{json, Value};
+
+use crate::support::{
+    assert_chain, audit_count, audit_of, membership, membership_event, TestApp, TestDb, SECRET,
+};
+
+/// What, body, signature header, expected status and error code.
+type RefusalCase = (
+    &'static str,
+    Vec<u8>,
+    Option<String>,
+    StatusCode,
+    &'static str,
+);
+
+async fn inbox_count(t: &TestDb) -> i64 {
+    db::inbox::count(t.db.pool()).await.unwrap()
+}
+
+/// Asserts that a refused request stored nothing at all.
+async fn assert_nothing_stored(t: &TestDb, what: &str) {
+    assert_eq!(inbox_count(t).await, 0, "{what}: inbox must stay empty");
+    assert_eq!(audit_count(&t.db).await, 0, "{what}: audit must stay empty");
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(PathBuf::from("fixtures/workos").join(name)).unwrap()
+}
+
+both! {
+    async fn a_signed_membership_event_is_applied_and_stored(t) {
+        let app = TestApp::new(&t.db);
+        let body = membership_event("event_1", "created", "user_1", "member", "active", 1);
+        let (status, answer) = app.deliver(&body).await;
+        assert_eq!((status, answer), (StatusCode::OK, json!({"event_id": "event_1", "outcome": "applied"})));
+        let row = membership(&t.db, "org_1", "user_1").await.unwrap();
+        assert_eq!((row.role_slug.as_deref(), row.status.as_str()), (Some("member"), "active"));
+        let (payload, outcome, kind): (String, String, String) =
+            sqlx::query_as("SELECT payload, outcome, event_type FROM webhook_events WHERE event_id = 'event_1'")
+                .fetch_one(t.db.pool()).await.unwrap();
+        assert_eq!(payload.as_bytes(), body.as_slice(), "the raw body is stored byte for byte");
+        assert_eq!((outcome.as_str(), kind.as_str()), ("applied", "organization_membership.created"));
+        let audit = audit_of(&t.db, "org_1", "user_1").await;
+        assert_eq!((audit.len(), audit[0].source.as_str(), audit[0].event_id.as_deref()), (1, "webhook", Some("event_1")));
+    }
+
+    async fn bad_signatures_are_refused_and_store_nothing(t) {
+        let app = TestApp::new(&t.db);
+        let body = membership_event("event_1", "created", "user_1", "member", "active", 1);
+        let now = app.clock_millis();
+        let good = signature::sign(&body, SECRET.as_bytes(), now);
+        let digest = good.split("v1=").nth(1).unwrap().to_owned();
+        let mut altered = body.clone();
+        altered[10] ^= 1;
+        let cases: Vec<RefusalCase> = vec![
+            ("no header", body.clone(), None, StatusCode::BAD_REQUEST, "missing_signature"),
+            ("empty header", body.clone(), Some(String::new()), StatusCode::BAD_REQUEST, "missing_signature"),
+            ("garbage header", body.clone(), Some("garbage".into()), StatusCode::BAD_REQUEST, "malformed_signature"),
+            ("non-numeric t", body.clone(), Some(format!("t=abc, v1={digest}")), StatusCode::BAD_REQUEST, "malformed_signature"),
+            ("too old", body.clone(), Some(signature::sign(&body, SECRET.as_bytes(), now - 181_000)), StatusCode::UNAUTHORIZED, "timestamp_out_of_tolerance"),
+            ("too far in the future", body.clone(), Some(signature::sign(&body, SECRET.as_bytes(), now + 181_000)), StatusCode::UNAUTHORIZED, "timestamp_out_of_tolerance"),
+            ("one body byte changed", altered, Some(good.clone()), StatusCode::UNAUTHORIZED, "signature_mismatch"),
+            ("wrong secret", body.clone(), Some(signature::sign(&body, b"other", now)), StatusCode::UNAUTHORIZED, "signature_mismatch"),
+        ];
+        for (what, body, header, status, code) in cases {
+            let (got, answer) = app.post_webhook(&body, header.as_deref()).await;
+            assert_eq!((got, answer["error"].as_str()), (status, Some(code)), "{what}: {answer}");
+            assert!(answer["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: message");
+            assert_nothing_stored(&t, what).await;
+        }
+    }
+
+    async fn signature_forms_and_rotated_secrets_are_accepted(t) {
+        let app = TestApp::with_config(&t.db, |c| c.webhook_secret = Some("whsec_new,whsec_old".parse().unwrap()));
+        let now = app.clock_millis();
+        let emoji = membership_event("event_émoji_🎉", "created", "user_🎉", "member", "active", 1);
+        let digest = |body: &[u8], secret: &str| hex::encode(signature::digest(secret.as_bytes(), &now.to_string(), body));
+        let cases: Vec<(&str, Vec<u8>, String)> = {
+            let b = |n: &str| membership_event(n, "created", n, "member", "active", 1);
+            vec![
+                ("comma-space form", b("e1"), format!("t={now}, v1={}", digest(&b("e1"), "whsec_new"))),
+                ("no-space form", b("e2"), format!("t={now},v1={}", digest(&b("e2"), "whsec_new"))),
+                ("several v1, the second right", b("e3"), format!("t={now}, v1={}, v1={}", "0".repeat(64), digest(&b("e3"), "whsec_new"))),
+                ("the rotated (previous) secret", b("e4"), format!("t={now}, v1={}", digest(&b("e4"), "whsec_old"))),
+                ("keys in another order", b("e5"), format!("v1={}, t={now}", digest(&b("e5"), "whsec_new"))),
+                ("a body with emoji", emoji.clone(), format!("t={now}, v1={}", digest(&emoji, "whsec_new"))),
+            ]
+        };
+        for (what, body, header) in cases {
+            let (status, answer) = app.post_webhook(&body, Some(&header)).await;
+            assert_eq!((status, answer["outcome"].as_str()), (StatusCode::OK, Some("applied")), "{what}: {answer}");
+        }
+    }
+
+    async fn a_duplicate_delivery_changes_nothing(t) {
+        let app = TestApp::new(&t.db);
+        let body = membership_event("event_1", "updated", "user_1", "admin", "active", 1);
+        assert_eq!(app.deliver(&body).await.1["outcome"], "applied");
+        app.clock_advance(60_000);
+        let (status, answer) = app.deliver(&body).await;
+        assert_eq!((status, answer), (StatusCode::OK, json!({"event_id": "event_1", "outcome": "duplicate"})));
+        assert_eq!((inbox_count(&t).await, audit_count(&t.db).await), (1, 1));
+    }
+
+    async fn twenty_concurrent_deliveries_of_one_event_apply_once(t) {
+        let app = std::sync::Arc::new(TestApp::new(&t.db));
+        let body = membership_event("event_1", "updated", "user_1", "admin", "active", 1);
+        let tasks: Vec<_> = (0..20).map(|_| {
+            let (app, body) = (app.clone(), body.clone());
+            tokio::spawn(async move { app.deliver(&body).await })
+        }).collect();
+        let mut outcomes = Vec::new();
+        for task in tasks {
+            let (status, answer) = task.await.unwrap();
+            assert_eq!(status, StatusCode::OK, "{answer}");
+            outcomes.push(answer["outcome"].as_str().unwrap().to_owned());
+        }
+        outcomes.sort();
+        assert_eq!(outcomes.iter().filter(|o| *o == "applied").count(), 1, "{outcomes:?}");
+        assert_eq!(outcomes.iter().filter(|o| *o == "duplicate").count(), 19, "{outcomes:?}");
+        assert_eq!((inbox_count(&t).await, audit_count(&t.db).await), (1, 1));
+    }
+
+    async fn out_of_order_updates_converge_on_the_newest(t) {
+        let app = TestApp::new(&t.db);
+        let newest = membership_event("e3", "updated", "user_1", "admin", "active", 3);
+        let older = membership_event("e1", "updated", "user_1", "member", "pending", 1);
+        let middle = membership_event("e2", "updated", "user_1", "member", "inactive", 2);
+        let outcomes = [app.deliver(&newest).await.1, app.deliver(&older).await.1, app.deliver(&middle).await.1];
+        let outcomes: Vec<&str> = outcomes.iter().map(|a| a["outcome"].as_str().unwrap()).collect();
+        assert_eq!(outcomes, ["applied", "stale", "stale"]);
+        let row = membership(&t.db, "org_1", "user_1").await.unwrap();
+        assert_eq!((row.role_slug.as_deref(), row.status.as_str()), (Some("admin"), "active"));
+        assert_chain(&audit_of(&t.db, "org_1", "user_1").await);
+    }
+
+    async fn a_late_older_update_never_resurrects_a_deleted_membership(t) {
+        let app = TestApp::new(&t.db);
+        app.deliver(&membership_event("e1", "created", "user_1", "member", "active", 1)).await;
+        let (_, removed) = app.deliver(&membership_event("e3", "deleted", "user_1", "member", "active", 3)).await;
+        let (_, late) = app.deliver(&membership_event("e2", "updated", "user_1", "admin", "active", 2)).await;
+        assert_eq!((removed["outcome"].as_str(), late["outcome"].as_str()), (Some("removed"), Some("stale")));
+        let row = membership(&t.db, "org_1", "user_1").await.unwrap();
+        assert_eq!((row.role_slug, row.status.as_str()), (None, "deleted"));
+    }
+
+    async fn an_unknown_role_keeps_the_stored_role(t) {
+        let app = TestApp::new(&t.db);
+        app.deliver(&membership_event("e1", "created", "user_1", "member", "active", 1)).await;
+        let (status, answer) = app.deliver(&membership_event("e2", "updated", "user_1", "superuser", "active", 2)).await;
+        assert_eq!((status, answer["outcome"].as_str()), (StatusCode::OK, Some("unknown_role")));
+        let row = membership(&t.db, "org_1", "user_1").await.unwrap();
+        assert_eq!((row.role_slug.as_deref(), row.workos_role_slug.as_deref()), (Some("member"), Some("superuser")));
+        let audit = audit_of(&t.db, "org_1", "user_1").await;
+        assert_eq!(audit.last().unwrap().outcome, "unknown_role");
+    }
+
+    async fn other_event_types_are_stored_and_ignored(t) {
+        let app = TestApp::new(&t.db);
+        for name in ["user_updated.json", "role_created.json"] {
+            let (status, answer) = app.deliver(&fixture(name)).await;
+            assert_eq!((status, answer["outcome"].as_str()), (StatusCode::OK, Some("ignored")), "{name}");
+        }
+        let body = br#"{"id":"event_x","event":"dsync.user.created","data":{}}"#;
+        assert_eq!(app.deliver(body).await.1["outcome"], "ignored");
+        assert_eq!((inbox_count(&t).await, audit_count(&t.db).await), (3, 0));
+    }
+
+    async fn broken_json_and_missing_envelope_fields_are_refused(t) {
+        let app = TestApp::new(&t.db);
+        for body in [&b"{not json"[..], b"[]", br#"{"event":"x"}"#, br#"{"id":"e1"}"#, b"\xff\xfe"] {
+            let (status, answer) = app.deliver(body).await;
+            assert_eq!((status, answer["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_payload")), "{body:?}");
+        }
+        assert_nothing_stored(&t, "invalid payloads").await;
+    }
+
+    async fn a_membership_event_missing_a_field_is_stored_as_invalid(t) {
+        let app = TestApp::new(&t.db);
+        let body = br#"{"id":"event_bad","event":"organization_membership.updated","data":{"id":"om_1","organization_id":"org_1","status":"active","role":{"slug":"admin"},"updated_at":"2026-11-20T10:00:00.000Z"}}"#;
+        let (status, answer) = app.deliver(body).await;
+        assert_eq!((status, answer["error"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_event")));
+        let outcome: String = sqlx::query_scalar("SELECT outcome FROM webhook_events WHERE event_id = 'event_bad'")
+            .fetch_one(t.db.pool()).await.unwrap();
+        assert_eq!(outcome, "invalid");
+        assert_eq!(audit_count(&t.db).await, 0);
+    }
+
+    async fn an_oversized_body_is_refused_before_it_is_read(t) {
+        let app = TestApp::new(&t.db);
+        let mut big = membership_event("e1", "created", "user_1", "member", "active", 1);
+        big.extend(std::iter::repeat_n(b' ', rolesync::webhook::MAX_BODY_BYTES));
+        let (status, answer) = app.deliver(&big).await;
+        assert_eq!((status, answer["error"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large")));
+        let header = signature::sign(&big, SECRET.as_bytes(), app.clock_millis());
+        let request = Request::post("/webhooks/workos").header("WorkOS-Signature", header).body(chunked(big)).unwrap();
+        let (status, _) = app.request(request).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "a streamed body without Content-Length");
+        assert_nothing_stored(&t, "oversized").await;
+    }
+
+    async fn a_database_outage_answers_503_and_a_retry_applies(t) {
+        let app = TestApp::new(&t.db);
+        let body = membership_event("e1", "created", "user_1", "admin", "active", 1);
+        t.db.close().await;
+        let (status, answer) = app.deliver(&body).await;
+        assert_eq!((status, answer["error"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("storage_unavailable")));
+        let reopened = rolesync::db::Db::connect(&t.url, 4).await.unwrap();
+        let app = TestApp::new(&reopened);
+        assert_eq!(app.deliver(&body).await.1["outcome"], "applied", "WorkOS's retry applies");
+        assert_eq!(db::inbox::count(reopened.pool()).await.unwrap(), 1);
+        reopened.close().await;
+    }
+
+    async fn every_fixture_is_accepted(t) {
+        let app = TestApp::new(&t.db);
+        for d in replay::load(&[PathBuf::from("fixtures/workos")]).unwrap() {
+            let (status, answer) = app.deliver(&d.body).await;
+            assert_eq!(status, StatusCode::OK, "{}: {answer}", d.label);
+        }
+        assert_eq!(inbox_count(&t).await, 9);
+    }
+
+    async fn every_scenario_ends_in_its_expected_state(t) {
+        let files = replay::load(&[PathBuf::from("fixtures/scenarios")]).unwrap();
+        assert!(files.len() >= 7, "scenarios found");
+        for path in std::fs::read_dir("fixtures/scenarios").unwrap() {
+            let path = path.unwrap().path();
+            let fresh = TestDb::new(t.db.backend()).await;
+            run_scenario(&fresh, &path).await;
+        }
+    }
+}
+
+impl TestApp {
+    fn clock_millis(&self) -> i64 {
+        use rolesync::timestamp::Clock;
+        self.clock.now().millis()
+    }
+
+    fn clock_advance(&self, ms: i64) {
+        self.clock.advance_millis(ms);
+    }
+}
+
+/// The body as a stream of 64 KiB chunks, sent without a Content-Length.
+fn chunked(bytes: Vec<u8>) -> Body {
+    let parts: Vec<Result<Vec<u8>, std::io::Error>> =
+        bytes.chunks(64 * 1024).map(|c| Ok(c.to_vec())).collect();
+    Body::from_stream(tokio_stream::iter(parts))
+}
+
+async fn run_scenario(t: &TestDb, path: &std::path::Path) {
+    let name = path.display().to_string();
+    let scenario: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let app = TestApp::new(&t.db);
+    let mut outcomes = Vec::new();
+    for event in scenario["deliveries"].as_array().unwrap() {
+        let (status, answer) = app.deliver(&serde_json::to_vec(event).unwrap()).await;
+        assert_eq!(status, StatusCode::OK, "{name}: {answer}");
+        outcomes.push(answer["outcome"].clone());
+    }
+    let expect = &scenario["expect"];
+    assert_eq!(
+        Value::Array(outcomes),
+        expect["outcomes"],
+        "{name}: outcomes"
+    );
+    let rows = db::memberships::list(t.db.pool(), None).await.unwrap();
+    let rows: Vec<Value> = rows.iter().map(|r| json!({
+        "organization_id": r.organization_id, "user_id": r.user_id, "membership_id": r.membership_id,
+        "role_slug": r.role_slug, "workos_role_slug": r.workos_role_slug, "status": r.status,
+        "version": r.version.to_string(),
+    })).collect();
+    assert_eq!(
+        Value::Array(rows),
+        expect["memberships"],
+        "{name}: memberships"
+    );
+    let mut audit = db::audit::list(t.db.pool(), None, None, i64::MAX)
+        .await
+        .unwrap();
+    audit.reverse();
+    let audit: Vec<Value> = audit.iter().map(|r| json!({
+        "event_id": r.event_id, "outcome": r.outcome, "workos_role_slug": r.workos_role_slug,
+        "old_role": r.old_role, "new_role": r.new_role, "old_status": r.old_status, "new_status": r.new_status,
+    })).collect();
+    assert_eq!(Value::Array(audit), expect["audit"], "{name}: audit");
+}
