@@ -7,6 +7,7 @@ use axum::Router;
 
 use crate::config::{Config, Secret};
 use crate::db::Db;
+use crate::login::{self, LoginService};
 use crate::timestamp::{SharedClock, SystemClock};
 use crate::webhook;
 
@@ -16,6 +17,7 @@ pub struct AppState {
     pub webhook_secrets: Vec<Secret>,
     pub tolerance_ms: i64,
     pub clock: SharedClock,
+    pub login: LoginService,
 }
 
 impl AppState {
@@ -30,6 +32,7 @@ impl AppState {
                 .unwrap_or_default(),
             tolerance_ms: i64::from(config.webhook_tolerance_secs) * 1000,
             clock: Arc::new(SystemClock),
+            login: LoginService::new(config),
         }
     }
 }
@@ -39,6 +42,11 @@ pub fn build_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/webhooks/workos", post(webhook::receive))
+        .route("/v1/reconcile", post(login::reconcile_login))
+        .route(
+            "/v1/memberships/{organization_id}/{user_id}",
+            get(login::get_membership),
+        )
         .with_state(state)
 }
 

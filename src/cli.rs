@@ -10,8 +10,9 @@ use tracing_subscriber::EnvFilter;
 use crate::app::AppState;
 use crate::config::Config;
 use crate::db::{self, Db};
+use crate::reconcile::Source;
 use crate::timestamp::Timestamp;
-use crate::{replay, server, table};
+use crate::{login, replay, server, table};
 
 /// Keeps an application's database in step with the organization roles held in WorkOS.
 #[derive(Parser, Debug)]
@@ -46,6 +47,15 @@ pub enum Command {
         /// At most this many rows
         #[arg(long, default_value_t = 50)]
         limit: i64,
+    },
+    /// Fetch one membership from the WorkOS API and reconcile it now (source `cli`)
+    Reconcile {
+        /// WorkOS user id (user_...)
+        #[arg(long)]
+        user: String,
+        /// WorkOS organization id (org_...)
+        #[arg(long)]
+        org: String,
     },
     /// Sign fixture or scenario files with the first webhook secret and POST them to a running rolesync
     Replay {
@@ -95,6 +105,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             println!("migrations applied");
         }
         Command::Roles { action } => roles(&open_db(&config).await?, action).await?,
+        Command::Reconcile { user, org } => return reconcile_now(config, &user, &org).await,
         Command::Audit { org, user, limit } => {
             let db = open_db(&config).await?;
             let rows = db::audit::list(db.pool(), org.as_deref(), user.as_deref(), limit).await?;
@@ -125,11 +136,31 @@ async fn serve(config: Config) -> Result<()> {
         .with_context(|| format!("ROLESYNC_LISTEN: cannot bind {}", config.listen))?;
     let db = open_db(&config).await?;
     let state = Arc::new(AppState::new(&config, db.clone()));
+    if !state.login.enabled() {
+        tracing::warn!("ROLESYNC_LOGIN_TOKEN is not set: /v1/reconcile answers 503 login_disabled");
+    }
+    if !state.login.workos.is_configured() {
+        tracing::warn!("WORKOS_API_KEY is not set: logins answer from the database only");
+    }
     tracing::info!(listen = %config.listen, database = %config.database_url, "rolesync serving");
     server::serve(listener, state, server::shutdown_signal()).await?;
     db.close().await;
     tracing::info!("rolesync stopped");
     Ok(())
+}
+
+async fn reconcile_now(config: Config, user: &str, org: &str) -> Result<ExitCode> {
+    if config.api_key.is_none() {
+        bail!("WORKOS_API_KEY: not set; reconcile fetches the membership from WorkOS");
+    }
+    let state = AppState::new(&config, open_db(&config).await?);
+    let answer = login::refresh(&state, user, org, Source::Cli).await;
+    let answer = answer?;
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    Ok(match answer.workos_error {
+        Some(_) => ExitCode::FAILURE,
+        None => ExitCode::SUCCESS,
+    })
 }
 
 async fn roles(db: &Db, action: RolesAction) -> Result<()> {

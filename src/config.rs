@@ -200,6 +200,36 @@ pub struct Config {
     )]
     pub login_token: Option<Secret>,
 
+    /// Total time a login may spend on WorkOS (retries included) before answering from the database
+    #[arg(
+        long,
+        env = "ROLESYNC_LOGIN_BUDGET_MS",
+        value_name = "ROLESYNC_LOGIN_BUDGET_MS",
+        default_value_t = 1500,
+        global = true
+    )]
+    pub login_budget_ms: u64,
+
+    /// At most one WorkOS fetch per membership per this many seconds (0: no limit)
+    #[arg(
+        long,
+        env = "ROLESYNC_LOGIN_REFRESH_SECS",
+        value_name = "ROLESYNC_LOGIN_REFRESH_SECS",
+        default_value_t = 5,
+        global = true
+    )]
+    pub login_refresh_secs: u64,
+
+    /// At most this many WorkOS fetches per second from this process (0: no limit)
+    #[arg(
+        long,
+        env = "ROLESYNC_WORKOS_RPS",
+        value_name = "ROLESYNC_WORKOS_RPS",
+        default_value_t = 50,
+        global = true
+    )]
+    pub workos_rps: u32,
+
     /// Database connections in the pool
     #[arg(
         long,

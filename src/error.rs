@@ -25,6 +25,16 @@ pub enum AppError {
     WebhooksDisabled,
     #[error("the database is unavailable; retry later")]
     StorageUnavailable(#[source] DbError),
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    #[error("no ROLESYNC_LOGIN_TOKEN is configured")]
+    LoginDisabled,
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("WorkOS is unavailable and no stored membership exists ({0})")]
+    WorkosUnavailable(String),
+    #[error("no such membership")]
+    NotFound,
 }
 
 impl AppError {
@@ -41,6 +51,11 @@ impl AppError {
             Self::InvalidEvent(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_event"),
             Self::WebhooksDisabled => (StatusCode::SERVICE_UNAVAILABLE, "webhooks_disabled"),
             Self::StorageUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
+            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::LoginDisabled => (StatusCode::SERVICE_UNAVAILABLE, "login_disabled"),
+            Self::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            Self::WorkosUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "workos_unavailable"),
+            Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
         }
     }
 }

@@ -3,6 +3,8 @@
 #[macro_use]
 pub mod support;
 
+mod fake_workos;
+mod login;
 mod migrations;
 mod reconcile;
 mod webhook;

@@ -1,0 +1,320 @@
+//! The login path: `POST /v1/reconcile` heals a membership from the WorkOS API through the reconcile,
+//! never failing a login because of WorkOS; `GET /v1/memberships/{org}/{user}` reads the stored row.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap};
+use axum::Json;
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use serde::Serialize;
+use serde_json::Value;
+use subtle::ConstantTimeEq;
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+
+use crate::app::AppState;
+use crate::config::{Config, Secret};
+use crate::db;
+use crate::error::AppError;
+use crate::reconcile::{reconcile, Membership, Observation, Outcome, Source, DELETED};
+use crate::workos::{WorkosClient, WorkosError};
+
+type Key = (String, String);
+type Flight = Arc<OnceCell<Result<LoginAnswer, LoginError>>>;
+
+/// The answer to a login.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LoginAnswer {
+    pub user_id: String,
+    pub organization_id: String,
+    pub role: Option<String>,
+    pub status: Option<String>,
+    /// The reconcile outcome; null when the answer comes from the database.
+    pub outcome: Option<Outcome>,
+    /// `workos` (fetched now) or `database` (the stored row).
+    pub source: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workos_error: Option<String>,
+}
+
+/// Why a login got no answer at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoginError {
+    /// Neither WorkOS nor a stored row: the reason WorkOS gave none.
+    #[error("WorkOS gave no answer ({0}) and no membership is stored")]
+    WorkosUnavailable(String),
+    #[error("the database is unavailable: {0}")]
+    StorageUnavailable(String),
+}
+
+impl From<LoginError> for AppError {
+    fn from(e: LoginError) -> Self {
+        match e {
+            LoginError::WorkosUnavailable(reason) => AppError::WorkosUnavailable(reason),
+            LoginError::StorageUnavailable(reason) => {
+                AppError::StorageUnavailable(db::DbError::Corrupt(reason))
+            }
+        }
+    }
+}
+
+/// The login machinery: WorkOS client, budget, limiters and in-flight fetches.
+pub struct LoginService {
+    pub workos: WorkosClient,
+    token: Option<Secret>,
+    budget: Duration,
+    per_membership: Option<DefaultKeyedRateLimiter<Key>>,
+    global: Option<DefaultDirectRateLimiter>,
+    inflight: Mutex<HashMap<Key, Flight>>,
+    logins: AtomicU64,
+}
+
+impl LoginService {
+    /// From settings.
+    pub fn new(config: &Config) -> Self {
+        let per_membership = Duration::from_secs(config.login_refresh_secs)
+            .gt(&Duration::ZERO)
+            .then(|| Quota::with_period(Duration::from_secs(config.login_refresh_secs)))
+            .flatten()
+            .map(RateLimiter::keyed);
+        let global = NonZeroU32::new(config.workos_rps)
+            .map(|rps| RateLimiter::direct(Quota::per_second(rps)));
+        Self {
+            workos: WorkosClient::new(&config.api_base_url.0, config.api_key.clone()),
+            token: config.login_token.clone(),
+            budget: Duration::from_millis(config.login_budget_ms),
+            per_membership,
+            global,
+            inflight: Mutex::new(HashMap::new()),
+            logins: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the login endpoints are enabled (a token is configured).
+    pub fn enabled(&self) -> bool {
+        self.token.is_some()
+    }
+
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), AppError> {
+        let expected = self.token.as_ref().ok_or(AppError::LoginDisabled)?;
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        match bool::from(presented.as_bytes().ct_eq(expected.expose().as_bytes())) {
+            true => Ok(()),
+            false => Err(AppError::Unauthorized),
+        }
+    }
+
+    /// Whether this login may call WorkOS now; `Err` carries the reason to answer from the database.
+    fn admit(&self, key: &Key) -> Result<(), Option<String>> {
+        if self.logins.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
+            if let Some(limiter) = &self.per_membership {
+                limiter.retain_recent();
+            }
+        }
+        if self
+            .per_membership
+            .as_ref()
+            .is_some_and(|l| l.check_key(key).is_err())
+        {
+            return Err(None);
+        }
+        if self.global.as_ref().is_some_and(|l| l.check().is_err()) {
+            tracing::warn!("ROLESYNC_WORKOS_RPS reached; answering logins from the database");
+            return Err(Some("rate_limited_locally".into()));
+        }
+        Ok(())
+    }
+}
+
+/// `POST /v1/reconcile`.
+pub async fn reconcile_login(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<LoginAnswer>, AppError> {
+    app.login.authorize(&headers)?;
+    let (user_id, organization_id) = parse_request(&body)?;
+    let answer = login(&app, &user_id, &organization_id).await?;
+    tracing::info!(
+        user_id = %answer.user_id,
+        organization_id = %answer.organization_id,
+        outcome = answer.outcome.map(Outcome::as_str).unwrap_or("-"),
+        source = answer.source,
+        workos_error = answer.workos_error.as_deref().unwrap_or("-"),
+        "login reconciled"
+    );
+    Ok(Json(answer))
+}
+
+/// `GET /v1/memberships/{organization_id}/{user_id}`.
+pub async fn get_membership(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((organization_id, user_id)): Path<(String, String)>,
+) -> Result<Json<Membership>, AppError> {
+    app.login.authorize(&headers)?;
+    db::memberships::get(app.db.pool(), &organization_id, &user_id)
+        .await?
+        .map(Json)
+        .ok_or(AppError::NotFound)
+}
+
+fn parse_request(body: &[u8]) -> Result<(String, String), AppError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|_| AppError::InvalidRequest("body must be a JSON object".into()))?;
+    let field = |name: &str| {
+        value
+            .get(name)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty() && s.len() <= 255)
+            .map(str::to_owned)
+            .ok_or_else(|| AppError::InvalidRequest(format!("`{name}` must be a non-empty string")))
+    };
+    Ok((field("user_id")?, field("organization_id")?))
+}
+
+/// One login: joins a fetch already in flight for the membership, or starts one.
+pub async fn login(
+    app: &AppState,
+    user_id: &str,
+    organization_id: &str,
+) -> Result<LoginAnswer, LoginError> {
+    let key: Key = (organization_id.to_owned(), user_id.to_owned());
+    let flight = app
+        .login
+        .inflight
+        .lock()
+        .expect("inflight lock")
+        .entry(key.clone())
+        .or_default()
+        .clone();
+    let answer = flight
+        .get_or_init(|| async {
+            match app.login.admit(&key) {
+                Ok(()) => refresh(app, user_id, organization_id, Source::Login).await,
+                Err(reason) => from_database(app, user_id, organization_id, reason).await,
+            }
+        })
+        .await
+        .clone();
+    let mut inflight = app.login.inflight.lock().expect("inflight lock");
+    if inflight.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+        inflight.remove(&key);
+    }
+    answer
+}
+
+/// Fetches the membership within the budget and reconciles it; on a WorkOS failure answers from the
+/// database without writing.
+pub async fn refresh(
+    app: &AppState,
+    user_id: &str,
+    organization_id: &str,
+    source: Source,
+) -> Result<LoginAnswer, LoginError> {
+    let deadline = Instant::now() + app.login.budget;
+    let fetched = app
+        .login
+        .workos
+        .find_membership(user_id, organization_id, deadline)
+        .await;
+    let observation = match fetched {
+        Ok(found) => observe(app, user_id, organization_id, found, source).await,
+        Err(e) => Err(e),
+    };
+    match observation {
+        Ok(obs) => apply(app, &obs).await,
+        Err(e) => {
+            tracing::warn!(user_id, organization_id, error = %e, "WorkOS gave no answer; using the stored row");
+            from_database(app, user_id, organization_id, Some(e.reason())).await
+        }
+    }
+}
+
+/// The observation a fetch makes: the membership found, or a deletion versioned at the fetch time.
+async fn observe(
+    app: &AppState,
+    user_id: &str,
+    organization_id: &str,
+    found: Option<crate::workos::ApiMembership>,
+    source: Source,
+) -> Result<Observation, WorkosError> {
+    if let Some(m) = found {
+        return m.observation(source);
+    }
+    let stored = db::memberships::get(app.db.pool(), organization_id, user_id)
+        .await
+        .ok()
+        .flatten();
+    Ok(Observation {
+        organization_id: organization_id.to_owned(),
+        user_id: user_id.to_owned(),
+        membership_id: stored.map(|s| s.membership_id).unwrap_or_default(),
+        role_slug: None,
+        status: DELETED.to_owned(),
+        deleted: true,
+        version: app.clock.now(),
+        source,
+        event_id: None,
+    })
+}
+
+async fn apply(app: &AppState, obs: &Observation) -> Result<LoginAnswer, LoginError> {
+    let storage = |e: db::DbError| LoginError::StorageUnavailable(e.to_string());
+    let outcome = reconcile(&app.db, obs, app.clock.now())
+        .await
+        .map_err(storage)?;
+    let row = db::memberships::get(app.db.pool(), &obs.organization_id, &obs.user_id)
+        .await
+        .map_err(storage)?;
+    let mut answer = answer_of(&obs.user_id, &obs.organization_id, row.as_ref(), "workos");
+    answer.outcome = Some(outcome);
+    Ok(answer)
+}
+
+async fn from_database(
+    app: &AppState,
+    user_id: &str,
+    organization_id: &str,
+    workos_error: Option<String>,
+) -> Result<LoginAnswer, LoginError> {
+    let row = db::memberships::get(app.db.pool(), organization_id, user_id)
+        .await
+        .map_err(|e| LoginError::StorageUnavailable(e.to_string()))?;
+    match row {
+        Some(row) => Ok(LoginAnswer {
+            workos_error,
+            ..answer_of(user_id, organization_id, Some(&row), "database")
+        }),
+        None => Err(LoginError::WorkosUnavailable(
+            workos_error.unwrap_or_else(|| "refresh_limited".into()),
+        )),
+    }
+}
+
+fn answer_of(
+    user_id: &str,
+    organization_id: &str,
+    row: Option<&Membership>,
+    source: &'static str,
+) -> LoginAnswer {
+    LoginAnswer {
+        user_id: user_id.to_owned(),
+        organization_id: organization_id.to_owned(),
+        role: row.and_then(|r| r.role_slug.clone()),
+        status: row.map(|r| r.status.clone()),
+        outcome: None,
+        source,
+        workos_error: None,
+    }
+}

@@ -1,0 +1,349 @@
+//! The WorkOS API client: one shared reqwest client, a deadline per call, retries with backoff and
+//! jitter on 429/5xx/transport errors honouring `Retry-After`, and lenient response types.
+
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{HeaderMap, AUTHORIZATION, RETRY_AFTER};
+use reqwest::StatusCode;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use crate::config::Secret;
+use crate::reconcile::{Observation, Source};
+use crate::timestamp::Timestamp;
+
+/// Statuses to ask for: without them WorkOS lists only active memberships.
+pub const ALL_STATUSES: &str = "active,inactive,pending";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_BASE: Duration = Duration::from_millis(50);
+const BACKOFF_CAP: Duration = Duration::from_secs(2);
+const MAX_PAGES: usize = 50;
+
+/// Why a WorkOS call gave no usable answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WorkosError {
+    #[error("no WORKOS_API_KEY configured")]
+    NotConfigured,
+    #[error("WorkOS did not answer within the budget")]
+    Timeout,
+    #[error("WorkOS rejected the API key (HTTP {0})")]
+    Unauthorized(u16),
+    #[error("WorkOS rate limited the request")]
+    RateLimited,
+    #[error("WorkOS answered HTTP {0}")]
+    Status(u16),
+    #[error("could not reach WorkOS: {0}")]
+    Transport(String),
+    #[error("WorkOS answered with an unreadable body: {0}")]
+    Malformed(String),
+}
+
+impl WorkosError {
+    /// A short machine-readable reason for answers and metrics.
+    pub fn reason(&self) -> String {
+        match self {
+            Self::NotConfigured => "not_configured".into(),
+            Self::Timeout => "timeout".into(),
+            Self::Unauthorized(_) => "unauthorized".into(),
+            Self::RateLimited => "rate_limited".into(),
+            Self::Status(code) => format!("http_{code}"),
+            Self::Transport(_) => "unreachable".into(),
+            Self::Malformed(_) => "malformed_response".into(),
+        }
+    }
+
+    fn retryable(&self) -> bool {
+        matches!(self, Self::RateLimited | Self::Transport(_) | Self::Timeout)
+            || matches!(self, Self::Status(code) if *code >= 500)
+    }
+}
+
+/// A membership as the API lists it; unknown fields are ignored, most fields optional.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiMembership {
+    pub id: String,
+    pub user_id: String,
+    pub organization_id: String,
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub role: Option<ApiRole>,
+    pub updated_at: String,
+}
+
+/// `{"slug": ...}`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiRole {
+    pub slug: Option<String>,
+}
+
+/// A list envelope: `data` and the cursor of the next page.
+#[derive(Debug, Deserialize)]
+pub struct ApiList<T> {
+    pub data: Vec<T>,
+    #[serde(default)]
+    pub list_metadata: Option<ListMetadata>,
+}
+
+/// Pagination cursors.
+#[derive(Debug, Default, Deserialize)]
+pub struct ListMetadata {
+    #[serde(default)]
+    pub after: Option<String>,
+}
+
+impl ApiMembership {
+    /// The observation this membership makes, for a path.
+    pub fn observation(&self, source: Source) -> Result<Observation, WorkosError> {
+        let version = Timestamp::parse(&self.updated_at)
+            .map_err(|e| WorkosError::Malformed(e.to_string()))?;
+        Ok(Observation {
+            organization_id: self.organization_id.clone(),
+            user_id: self.user_id.clone(),
+            membership_id: self.id.clone(),
+            role_slug: self.role.as_ref().and_then(|r| r.slug.clone()),
+            status: self.status.clone().unwrap_or_else(|| "unknown".into()),
+            deleted: false,
+            version,
+            source,
+            event_id: None,
+        })
+    }
+}
+
+/// The shared WorkOS client.
+#[derive(Debug, Clone)]
+pub struct WorkosClient {
+    http: reqwest::Client,
+    base_url: String,
+    api_key: Option<Secret>,
+}
+
+impl WorkosClient {
+    /// A client for `base_url` (no trailing slash).
+    pub fn new(base_url: &str, api_key: Option<Secret>) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .user_agent(concat!("rolesync/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("a TLS backend is compiled in");
+        Self {
+            http,
+            base_url: base_url.to_owned(),
+            api_key,
+        }
+    }
+
+    /// Whether an API key is configured.
+    pub fn is_configured(&self) -> bool {
+        self.api_key.is_some()
+    }
+
+    /// The membership of a user in an organization, any status, following pages; `None` when WorkOS has none.
+    pub async fn find_membership(
+        &self,
+        user_id: &str,
+        organization_id: &str,
+        deadline: Instant,
+    ) -> Result<Option<ApiMembership>, WorkosError> {
+        let mut after: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let mut query = vec![
+                ("user_id", user_id.to_owned()),
+                ("organization_id", organization_id.to_owned()),
+                ("statuses", ALL_STATUSES.to_owned()),
+                ("limit", "100".to_owned()),
+            ];
+            query.extend(after.take().map(|a| ("after", a)));
+            let page: ApiList<ApiMembership> = self
+                .get_json(
+                    "/user_management/organization_memberships",
+                    &query,
+                    deadline,
+                )
+                .await?;
+            let found = page
+                .data
+                .into_iter()
+                .find(|m| m.user_id == user_id && m.organization_id == organization_id);
+            if found.is_some() {
+                return Ok(found);
+            }
+            match page.list_metadata.and_then(|m| m.after) {
+                Some(cursor) => after = Some(cursor),
+                None => return Ok(None),
+            }
+        }
+        Err(WorkosError::Malformed(format!(
+            "more than {MAX_PAGES} pages"
+        )))
+    }
+
+    /// GETs `path` with `query` and decodes JSON, retrying transient failures until `deadline`.
+    pub async fn get_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        deadline: Instant,
+    ) -> Result<T, WorkosError> {
+        let key = self.api_key.as_ref().ok_or(WorkosError::NotConfigured)?;
+        let url = format!("{}{path}", self.base_url);
+        let mut attempt: u32 = 0;
+        loop {
+            let result = self.attempt(&url, query, key, deadline).await;
+            let (error, retry_after) = match result {
+                Ok(body) => {
+                    return serde_json::from_slice(&body)
+                        .map_err(|e| WorkosError::Malformed(e.to_string()))
+                }
+                Err(failure) => failure,
+            };
+            if !error.retryable() {
+                return Err(error);
+            }
+            let wait = retry_after.unwrap_or_else(|| backoff(attempt));
+            if Instant::now() + wait >= deadline {
+                return Err(error);
+            }
+            tracing::info!(error = %error, attempt, wait_ms = wait.as_millis() as u64, "retrying WorkOS request");
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+    }
+
+    /// One request; on failure, the error and any `Retry-After` wait.
+    async fn attempt(
+        &self,
+        url: &str,
+        query: &[(&str, String)],
+        key: &Secret,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, (WorkosError, Option<Duration>)> {
+        let request = self
+            .http
+            .get(url)
+            .query(query)
+            .header(AUTHORIZATION, format!("Bearer {}", key.expose()))
+            .send();
+        let response = tokio::time::timeout_at(deadline, async {
+            let response = request.await?;
+            let status = response.status();
+            let headers = response.headers().clone();
+            let body = response.bytes().await?;
+            Ok::<_, reqwest::Error>((status, headers, body))
+        })
+        .await;
+        let (status, headers, body) = match response {
+            Err(_) => return Err((WorkosError::Timeout, None)),
+            Ok(Err(e)) => return Err((WorkosError::Transport(e.without_url().to_string()), None)),
+            Ok(Ok(parts)) => parts,
+        };
+        let request_id = headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        tracing::debug!(
+            status = status.as_u16(),
+            workos_request_id = request_id,
+            "WorkOS answered"
+        );
+        classify(status, &headers, request_id).map(|()| body.to_vec())
+    }
+}
+
+fn classify(
+    status: StatusCode,
+    headers: &HeaderMap,
+    request_id: &str,
+) -> Result<(), (WorkosError, Option<Duration>)> {
+    if status.is_success() {
+        return Ok(());
+    }
+    let code = status.as_u16();
+    let error = match code {
+        401 | 403 => {
+            tracing::error!(
+                status = code,
+                workos_request_id = request_id,
+                "WorkOS refused the API key: check WORKOS_API_KEY"
+            );
+            WorkosError::Unauthorized(code)
+        }
+        429 => WorkosError::RateLimited,
+        _ => WorkosError::Status(code),
+    };
+    if code == 429 || code >= 500 {
+        tracing::warn!(
+            status = code,
+            workos_request_id = request_id,
+            "WorkOS request failed"
+        );
+    }
+    Err((error, retry_after(headers)))
+}
+
+/// `Retry-After` as a wait: delta-seconds or an HTTP date.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(
+        when.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// Exponential backoff with full jitter: a random wait up to `base * 2^attempt`, capped.
+fn backoff(attempt: u32) -> Duration {
+    let ceiling = BACKOFF_BASE
+        .saturating_mul(1 << attempt.min(16))
+        .min(BACKOFF_CAP);
+    ceiling
+        .mul_f64(fastrand::f64())
+        .max(Duration::from_millis(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("3"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(3)));
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
+        headers.insert(RETRY_AFTER, HeaderValue::from_str(&later).unwrap());
+        let wait = retry_after(&headers).unwrap();
+        assert!(
+            wait > Duration::from_secs(28) && wait <= Duration::from_secs(30),
+            "{wait:?}"
+        );
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&headers), None);
+    }
+
+    #[test]
+    fn backoff_grows_and_stays_capped() {
+        for attempt in 0..40 {
+            let wait = backoff(attempt);
+            assert!(wait <= BACKOFF_CAP, "attempt {attempt}: {wait:?}");
+        }
+        assert!(backoff(0) <= BACKOFF_BASE.max(Duration::from_millis(5)));
+    }
+
+    #[test]
+    fn only_transient_errors_are_retried() {
+        assert!(WorkosError::RateLimited.retryable() && WorkosError::Status(503).retryable());
+        assert!(
+            !WorkosError::Unauthorized(401).retryable() && !WorkosError::Status(404).retryable()
+        );
+        assert!(!WorkosError::Malformed("x".into()).retryable());
+    }
+}
