@@ -5,8 +5,9 @@ use std::sync::Arc;
 use axum::routing::{get, post};
 use axum::Router;
 
+use crate::batcher::Batcher;
 use crate::config::{Config, Secret};
-use crate::db::Db;
+use crate::db::{Backend, Db};
 use crate::login::{self, LoginService};
 use crate::timestamp::{SharedClock, SystemClock};
 use crate::webhook;
@@ -18,12 +19,23 @@ pub struct AppState {
     pub tolerance_ms: i64,
     pub clock: SharedClock,
     pub login: LoginService,
+    pub batcher: Batcher,
 }
 
 impl AppState {
     /// State from settings, over an open database, on the system clock.
     pub fn new(config: &Config, db: Db) -> Self {
+        Self::with_clock(config, db, Arc::new(SystemClock))
+    }
+
+    /// State with the given clock; starts the group-commit workers.
+    pub fn with_clock(config: &Config, db: Db, clock: SharedClock) -> Self {
+        let workers = match db.backend() {
+            Backend::Sqlite => 1,
+            Backend::Postgres => 2,
+        };
         Self {
+            batcher: Batcher::spawn(db.clone(), clock.clone(), workers),
             db,
             webhook_secrets: config
                 .webhook_secret
@@ -31,7 +43,7 @@ impl AppState {
                 .map(|s| s.0)
                 .unwrap_or_default(),
             tolerance_ms: i64::from(config.webhook_tolerance_secs) * 1000,
-            clock: Arc::new(SystemClock),
+            clock,
             login: LoginService::new(config),
         }
     }

@@ -16,6 +16,26 @@ use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor, Transaction};
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
 
+/// A membership's identity: (organization_id, user_id).
+pub type Key = (String, String);
+
+/// `($1, $2), ($3, $4), ...`: `rows` tuples of `columns` numbered placeholders.
+pub fn values_list(rows: usize, columns: usize) -> String {
+    let mut out = String::with_capacity(rows * columns * 5);
+    for row in 0..rows {
+        out.push_str(if row == 0 { "(" } else { ", (" });
+        for column in 0..columns {
+            if column > 0 {
+                out.push_str(", ");
+            }
+            out.push('$');
+            out.push_str(&(row * columns + column + 1).to_string());
+        }
+        out.push(')');
+    }
+    out
+}
+
 /// A storage failure; the request path answers it with 503 so that WorkOS retries.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -25,6 +45,19 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored value is corrupt: {0}")]
     Corrupt(String),
+}
+
+impl DbError {
+    /// A deadlock or serialization failure that a retry of the whole transaction may clear.
+    pub fn is_transient(&self) -> bool {
+        let Self::Sqlx(sqlx::Error::Database(e)) = self else {
+            return false;
+        };
+        matches!(
+            e.code().as_deref(),
+            Some("40P01" | "40001" | "5" | "6" | "517")
+        )
+    }
 }
 
 /// Which database a URL names.
@@ -117,23 +150,32 @@ impl Db {
         Ok(tx)
     }
 
-    /// Serializes writers of one membership until the transaction ends. SQLite already holds the
-    /// database write lock; PostgreSQL takes a transaction-scoped advisory lock on the key.
-    pub async fn lock_membership(
+    /// Serializes writers of these memberships until the transaction ends. SQLite already holds the
+    /// database write lock; PostgreSQL takes transaction-scoped advisory locks, in key order so that
+    /// two batches never wait on each other in a cycle.
+    pub async fn lock_memberships(
         &self,
         conn: &mut AnyConnection,
-        organization_id: &str,
-        user_id: &str,
+        keys: &[&Key],
     ) -> Result<(), DbError> {
-        if self.backend == Backend::Postgres {
-            sqlx::query(
-                "SELECT 1 FROM (SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 0))) AS l",
-            )
-            .bind(organization_id)
-            .bind(user_id)
-            .fetch_one(conn)
-            .await?;
+        if self.backend != Backend::Postgres || keys.is_empty() {
+            return Ok(());
         }
+        let mut sorted: Vec<String> = keys
+            .iter()
+            .map(|(org, user)| format!("{org}/{user}"))
+            .collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let sql = format!(
+            "SELECT COUNT(pg_advisory_xact_lock(hashtextextended(k, 0))::text) FROM (VALUES {}) AS t(k)",
+            values_list(sorted.len(), 1)
+        );
+        let mut query = sqlx::query_scalar::<_, i64>(&sql);
+        for key in &sorted {
+            query = query.bind(key);
+        }
+        query.fetch_one(conn).await?;
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! rolesync keeps an application's membership roles in step with WorkOS through one idempotent reconcile.
 
 pub mod app;
+pub mod batcher;
 pub mod cli;
 pub mod config;
 pub mod db;

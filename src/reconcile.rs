@@ -3,7 +3,9 @@
 use serde::Serialize;
 use sqlx::AnyConnection;
 
-use crate::db::{self, Db, DbError};
+use std::collections::{BTreeMap, HashSet};
+
+use crate::db::{self, Db, DbError, Key};
 use crate::timestamp::Timestamp;
 
 /// Which path observed the membership.
@@ -297,37 +299,77 @@ fn audit(
 /// Reconciles one observation in its own transaction.
 pub async fn reconcile(db: &Db, obs: &Observation, now: Timestamp) -> Result<Outcome, DbError> {
     let mut tx = db.begin_write().await?;
-    let outcome = reconcile_in(&mut tx, db, obs, now).await?;
+    let outcomes = reconcile_batch(&mut tx, db, &[obs], now).await?;
     tx.commit().await?;
-    Ok(outcome)
+    Ok(outcomes[0])
 }
 
-/// Reconciles one observation inside the caller's write transaction (which the caller commits).
-pub async fn reconcile_in(
+/// Reconciles observations, in order, inside the caller's write transaction (which the caller
+/// commits): one lock statement, one read of every membership touched, one upsert and one audit
+/// insert, whatever the number of observations. Each observation sees the ones before it.
+pub async fn reconcile_batch(
     conn: &mut AnyConnection,
     db: &Db,
-    obs: &Observation,
+    observations: &[&Observation],
     now: Timestamp,
-) -> Result<Outcome, DbError> {
-    db.lock_membership(&mut *conn, &obs.organization_id, &obs.user_id)
-        .await?;
-    let stored = db::memberships::get(&mut *conn, &obs.organization_id, &obs.user_id).await?;
-    let role_known = match &obs.role_slug {
-        Some(slug) => db::roles::exists(&mut *conn, slug).await?,
-        None => false,
-    };
-    let history = match is_stale(stored.as_ref(), obs) {
-        true => {
-            db::audit::as_of(&mut *conn, &obs.organization_id, &obs.user_id, obs.version).await?
+) -> Result<Vec<Outcome>, DbError> {
+    let mut keys: Vec<Key> = observations.iter().map(|o| key_of(o)).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let key_refs: Vec<&Key> = keys.iter().collect();
+    db.lock_memberships(&mut *conn, &key_refs).await?;
+    let mut rows = db::memberships::get_many(&mut *conn, &key_refs).await?;
+    let known: HashSet<String> = db::roles::list(&mut *conn).await?.into_iter().collect();
+    let mut written: BTreeMap<Key, Membership> = BTreeMap::new();
+    let mut audits: Vec<AuditEntry> = Vec::new();
+    let mut outcomes = Vec::with_capacity(observations.len());
+    for obs in observations {
+        let key = key_of(obs);
+        let stored = rows.get(&key);
+        let history = match is_stale(stored, obs) {
+            true => history_as_of(&mut *conn, &audits, obs).await?,
+            false => None,
+        };
+        let role_known = obs.role_slug.as_ref().is_some_and(|s| known.contains(s));
+        let decision = decide(stored, obs, role_known, history.as_ref(), now);
+        if let Some(row) = decision.write {
+            rows.insert(key.clone(), row.clone());
+            written.insert(key, row);
         }
-        false => None,
-    };
-    let decision = decide(stored.as_ref(), obs, role_known, history.as_ref(), now);
-    if let Some(row) = &decision.write {
-        db::memberships::upsert(&mut *conn, row).await?;
+        audits.extend(decision.audit);
+        outcomes.push(decision.outcome);
     }
-    if let Some(entry) = &decision.audit {
-        db::audit::insert(&mut *conn, entry).await?;
-    }
-    Ok(decision.outcome)
+    db::memberships::upsert_many(&mut *conn, &written.values().collect::<Vec<_>>()).await?;
+    db::audit::insert_many(&mut *conn, &audits).await?;
+    Ok(outcomes)
+}
+
+fn key_of(obs: &Observation) -> Key {
+    (obs.organization_id.clone(), obs.user_id.clone())
+}
+
+/// The trail as of the observation's version: the stored trail, overtaken by rows this batch is
+/// about to append.
+async fn history_as_of(
+    conn: &mut AnyConnection,
+    pending: &[AuditEntry],
+    obs: &Observation,
+) -> Result<Option<HistoryMark>, DbError> {
+    let in_batch = pending
+        .iter()
+        .filter(|a| a.organization_id == obs.organization_id && a.user_id == obs.user_id)
+        .filter(|a| {
+            a.version <= obs.version && (a.outcome != Outcome::Stale || a.version == obs.version)
+        })
+        .max_by_key(|a| a.version)
+        .map(|a| HistoryMark {
+            version: a.version,
+            workos_role_slug: a.workos_role_slug.clone(),
+            new_status: a.new_status.clone(),
+        });
+    let stored = db::audit::as_of(conn, &obs.organization_id, &obs.user_id, obs.version).await?;
+    Ok(match (stored, in_batch) {
+        (Some(s), Some(b)) if s.version > b.version => Some(s),
+        (s, b) => b.or(s),
+    })
 }

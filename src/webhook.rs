@@ -13,11 +13,14 @@ use axum::Json;
 use serde::Serialize;
 
 use crate::app::AppState;
+use std::collections::HashMap;
+
+use crate::db::inbox::InboxRow;
 use crate::db::{self, Db, DbError};
 use crate::error::AppError;
-use crate::reconcile::{reconcile_in, Source};
+use crate::reconcile::{reconcile_batch, Observation, Source};
 use crate::timestamp::Timestamp;
-use event::{classify, parse_envelope, Envelope, EventKind};
+use event::{classify, parse_envelope, EventKind, PayloadError};
 
 /// Largest body accepted, checked before the body is read in full.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -37,26 +40,23 @@ pub async fn receive(
 ) -> Result<Json<Receipt>, AppError> {
     let body = read_limited(&headers, body).await?;
     let secret = verify(&app, &headers, &body)?;
-    let envelope = parse_envelope(&body).map_err(|e| AppError::InvalidPayload(e.0))?;
-    tracing::Span::current().record("event_id", envelope.id.as_str());
-    tracing::debug!(secret_position = secret, event_type = %envelope.event, "signature verified");
-    let payload = std::str::from_utf8(&body).map_err(|_| AppError::BodyUnreadable)?;
-    let receipt = deliver(
-        &app.db,
-        &envelope,
-        payload,
-        Source::Webhook,
-        app.clock.now(),
-    )
-    .await?;
+    let incoming =
+        Incoming::parse(&body, Source::Webhook).map_err(|e| AppError::InvalidPayload(e.0))?;
+    tracing::Span::current().record("event_id", incoming.event_id.as_str());
+    tracing::debug!(secret_position = secret, event_type = %incoming.event_type, "signature verified");
+    let invalid = match &incoming.kind {
+        EventKind::Invalid(reason) => Some(reason.clone()),
+        _ => None,
+    };
+    let receipt = app.batcher.submit(incoming).await?;
     tracing::info!(event_id = %receipt.event_id, outcome = %receipt.outcome, secret_position = secret, "webhook delivered");
-    if receipt.outcome == INVALID {
-        return Err(AppError::InvalidEvent(format!(
-            "event {} is missing a required field",
+    match invalid {
+        Some(reason) if receipt.outcome == INVALID => Err(AppError::InvalidEvent(format!(
+            "event {}: {reason}",
             receipt.event_id
-        )));
+        ))),
+        _ => Ok(Json(receipt)),
     }
-    Ok(Json(receipt))
 }
 
 /// Refuses a declared length over the limit before reading, then reads at most the limit.
@@ -110,38 +110,111 @@ pub const INVALID: &str = "invalid";
 pub const IGNORED: &str = "ignored";
 /// Outcome of an event id already in the inbox.
 pub const DUPLICATE: &str = "duplicate";
+/// Outcome of a membership event while its reconcile runs (never committed).
+const PENDING: &str = "pending";
 
-/// Stores one event in the inbox and reconciles it, in one transaction. An event id already stored is
-/// a `duplicate` and changes nothing.
-pub async fn deliver(
-    db: &Db,
-    envelope: &Envelope<'_>,
-    payload: &str,
-    source: Source,
-    now: Timestamp,
-) -> Result<Receipt, DbError> {
-    let mut tx = db.begin_write().await?;
-    let id = envelope.id.as_str();
-    let fresh = db::inbox::insert(&mut *tx, id, &envelope.event, now, payload, "pending").await?;
-    if !fresh {
-        tx.rollback().await?;
-        return Ok(Receipt {
-            event_id: id.to_owned(),
-            outcome: DUPLICATE.to_owned(),
-        });
+/// A verified, parsed delivery, ready to store.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub event_id: String,
+    pub event_type: String,
+    pub payload: String,
+    pub kind: EventKind,
+}
+
+impl Incoming {
+    /// Parses and classifies a body (already verified, or read back from the inbox).
+    pub fn parse(body: &[u8], source: Source) -> Result<Self, PayloadError> {
+        let envelope = parse_envelope(body)?;
+        let payload =
+            std::str::from_utf8(body).map_err(|_| PayloadError("body is not UTF-8".into()))?;
+        Ok(Self {
+            kind: classify(&envelope, source),
+            event_id: envelope.id,
+            event_type: envelope.event,
+            payload: payload.to_owned(),
+        })
     }
-    let outcome = match classify(envelope, source) {
-        EventKind::Membership(obs) => reconcile_in(&mut tx, db, &obs, now).await?.as_str(),
-        EventKind::Invalid(reason) => {
-            tracing::warn!(event_id = id, %reason, "invalid membership event");
-            INVALID
+
+    fn provisional_outcome(&self) -> &'static str {
+        match self.kind {
+            EventKind::Membership(_) => PENDING,
+            EventKind::Invalid(_) => INVALID,
+            EventKind::Other => IGNORED,
         }
-        EventKind::Other => IGNORED,
-    };
-    db::inbox::set_outcome(&mut *tx, id, outcome).await?;
+    }
+}
+
+/// Stores deliveries in the inbox and reconciles the membership events among them, in one
+/// transaction. An event id already stored (or earlier in the same batch) is a `duplicate` and
+/// changes nothing. Receipts come back in input order.
+pub async fn deliver_batch(
+    db: &Db,
+    batch: &[Incoming],
+    now: Timestamp,
+) -> Result<Vec<Receipt>, DbError> {
+    let mut first_seen: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
+    for (i, incoming) in batch.iter().enumerate() {
+        first_seen.entry(incoming.event_id.as_str()).or_insert(i);
+    }
+    let is_first = |i: usize, d: &Incoming| first_seen[d.event_id.as_str()] == i;
+    let rows: Vec<InboxRow> = batch
+        .iter()
+        .enumerate()
+        .filter(|(i, d)| is_first(*i, d))
+        .map(|(_, d)| InboxRow {
+            event_id: &d.event_id,
+            event_type: &d.event_type,
+            payload: &d.payload,
+            outcome: d.provisional_outcome(),
+        })
+        .collect();
+    let mut tx = db.begin_write().await?;
+    let fresh = db::inbox::insert_many(&mut *tx, &rows, now).await?;
+    let stored = |i: usize, d: &Incoming| is_first(i, d) && fresh.contains(&d.event_id);
+    let members: Vec<(usize, &Observation)> = batch
+        .iter()
+        .enumerate()
+        .filter(|(i, d)| stored(*i, d))
+        .filter_map(|(i, d)| match &d.kind {
+            EventKind::Membership(obs) => Some((i, obs)),
+            _ => None,
+        })
+        .collect();
+    let observations: Vec<&Observation> = members.iter().map(|(_, o)| *o).collect();
+    let outcomes = reconcile_batch(&mut tx, db, &observations, now).await?;
+    let settled: Vec<(&str, &str)> = members
+        .iter()
+        .zip(&outcomes)
+        .map(|((i, _), o)| (batch[*i].event_id.as_str(), o.as_str()))
+        .collect();
+    db::inbox::set_outcomes(&mut *tx, &settled).await?;
     tx.commit().await?;
-    Ok(Receipt {
-        event_id: id.to_owned(),
-        outcome: outcome.to_owned(),
-    })
+    let mut by_index: HashMap<usize, &str> = members
+        .iter()
+        .zip(&outcomes)
+        .map(|((i, _), o)| (*i, o.as_str()))
+        .collect();
+    Ok(batch
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let outcome = match stored(i, d) {
+                false => DUPLICATE,
+                true => by_index
+                    .remove(&i)
+                    .unwrap_or_else(|| d.provisional_outcome()),
+            };
+            Receipt {
+                event_id: d.event_id.clone(),
+                outcome: outcome.to_owned(),
+            }
+        })
+        .collect())
+}
+
+/// Delivers one event in its own transaction.
+pub async fn deliver(db: &Db, incoming: &Incoming, now: Timestamp) -> Result<Receipt, DbError> {
+    let mut receipts = deliver_batch(db, std::slice::from_ref(incoming), now).await?;
+    Ok(receipts.remove(0))
 }

@@ -3,7 +3,7 @@
 use serde::Serialize;
 use sqlx::{Any, Executor};
 
-use super::DbError;
+use super::{values_list, DbError};
 use crate::reconcile::{AuditEntry, HistoryMark};
 use crate::timestamp::Timestamp;
 
@@ -27,31 +27,38 @@ pub struct AuditRow {
     pub version: String,
 }
 
-/// Appends one row.
-pub async fn insert<'c>(
+/// Appends rows in order (ids ascend in slice order).
+pub async fn insert_many<'c>(
     conn: impl Executor<'c, Database = Any>,
-    e: &AuditEntry,
+    entries: &[AuditEntry],
 ) -> Result<(), DbError> {
-    let sql = "INSERT INTO role_audit (recorded_at, organization_id, user_id, membership_id, source, event_id, \
-         workos_role_slug, old_role, new_role, old_status, new_status, outcome, detail, version) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
-    sqlx::query(sql)
-        .bind(e.recorded_at.to_string())
-        .bind(&e.organization_id)
-        .bind(&e.user_id)
-        .bind(&e.membership_id)
-        .bind(e.source.as_str())
-        .bind(&e.event_id)
-        .bind(&e.workos_role_slug)
-        .bind(&e.old_role)
-        .bind(&e.new_role)
-        .bind(&e.old_status)
-        .bind(&e.new_status)
-        .bind(e.outcome.as_str())
-        .bind(&e.detail)
-        .bind(e.version.to_string())
-        .execute(conn)
-        .await?;
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "INSERT INTO role_audit (recorded_at, organization_id, user_id, membership_id, source, event_id, \
+         workos_role_slug, old_role, new_role, old_status, new_status, outcome, detail, version) VALUES {}",
+        values_list(entries.len(), 14)
+    );
+    let mut query = sqlx::query(&sql);
+    for e in entries {
+        query = query
+            .bind(e.recorded_at.to_string())
+            .bind(&e.organization_id)
+            .bind(&e.user_id)
+            .bind(&e.membership_id)
+            .bind(e.source.as_str())
+            .bind(&e.event_id)
+            .bind(&e.workos_role_slug)
+            .bind(&e.old_role)
+            .bind(&e.new_role)
+            .bind(&e.old_status)
+            .bind(&e.new_status)
+            .bind(e.outcome.as_str())
+            .bind(&e.detail)
+            .bind(e.version.to_string());
+    }
+    query.execute(conn).await?;
     Ok(())
 }
 

@@ -2,7 +2,9 @@
 
 use sqlx::{Any, Executor};
 
-use super::DbError;
+use std::collections::HashMap;
+
+use super::{values_list, DbError, Key};
 use crate::reconcile::Membership;
 
 const COLUMNS: &str = "organization_id, user_id, membership_id, role_slug, workos_role_slug, status, version, updated_at";
@@ -37,28 +39,57 @@ pub async fn list<'c>(
         .await?)
 }
 
-/// Inserts or replaces the row of one membership.
-pub async fn upsert<'c>(
+/// The stored rows of these memberships.
+pub async fn get_many<'c>(
     conn: impl Executor<'c, Database = Any>,
-    row: &Membership,
-) -> Result<(), DbError> {
+    keys: &[&Key],
+) -> Result<HashMap<Key, Membership>, DbError> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
     let sql = format!(
-        "INSERT INTO memberships ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+        "SELECT {COLUMNS} FROM memberships WHERE (organization_id, user_id) IN (VALUES {})",
+        values_list(keys.len(), 2)
+    );
+    let mut query = sqlx::query_as::<_, Membership>(&sql);
+    for (org, user) in keys {
+        query = query.bind(org).bind(user);
+    }
+    let rows = query.fetch_all(conn).await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| ((r.organization_id.clone(), r.user_id.clone()), r))
+        .collect())
+}
+
+/// Inserts or replaces the rows of several memberships (each key at most once).
+pub async fn upsert_many<'c>(
+    conn: impl Executor<'c, Database = Any>,
+    rows: &[&Membership],
+) -> Result<(), DbError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "INSERT INTO memberships ({COLUMNS}) VALUES {} \
          ON CONFLICT (organization_id, user_id) DO UPDATE SET \
          membership_id = excluded.membership_id, role_slug = excluded.role_slug, \
          workos_role_slug = excluded.workos_role_slug, status = excluded.status, \
-         version = excluded.version, updated_at = excluded.updated_at"
+         version = excluded.version, updated_at = excluded.updated_at",
+        values_list(rows.len(), 8)
     );
-    sqlx::query(&sql)
-        .bind(&row.organization_id)
-        .bind(&row.user_id)
-        .bind(&row.membership_id)
-        .bind(&row.role_slug)
-        .bind(&row.workos_role_slug)
-        .bind(&row.status)
-        .bind(row.version.to_string())
-        .bind(row.updated_at.to_string())
-        .execute(conn)
-        .await?;
+    let mut query = sqlx::query(&sql);
+    for row in rows {
+        query = query
+            .bind(&row.organization_id)
+            .bind(&row.user_id)
+            .bind(&row.membership_id)
+            .bind(&row.role_slug)
+            .bind(&row.workos_role_slug)
+            .bind(&row.status)
+            .bind(row.version.to_string())
+            .bind(row.updated_at.to_string());
+    }
+    query.execute(conn).await?;
     Ok(())
 }

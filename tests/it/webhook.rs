@@ -296,3 +296,34 @@ async fn run_scenario(t: &TestDb, path: &std::path::Path) {
     })).collect();
     assert_eq!(Value::Array(audit), expect["audit"], "{name}: audit");
 }
+
+both! {
+    async fn one_batch_dedupes_orders_and_classifies_every_delivery(t) {
+        use rolesync::reconcile::Source;
+        use rolesync::webhook::{deliver_batch, Incoming};
+        let parse = |body: Vec<u8>| Incoming::parse(&body, Source::Webhook).unwrap();
+        let batch = vec![
+            parse(membership_event("e1", "created", "user_1", "member", "active", 1)),
+            parse(membership_event("e1", "created", "user_1", "member", "active", 1)),
+            parse(br#"{"id":"e2","event":"user.updated","data":{}}"#.to_vec()),
+            parse(membership_event("e3", "updated", "user_1", "admin", "active", 3)),
+            parse(membership_event("e4", "updated", "user_1", "member", "inactive", 2)),
+            parse(br#"{"id":"e5","event":"organization_membership.updated","data":{"id":"om_1"}}"#.to_vec()),
+            parse(membership_event("e6", "created", "user_2", "creator", "active", 1)),
+        ];
+        let receipts = deliver_batch(&t.db, &batch, rolesync::timestamp::Timestamp::now()).await.unwrap();
+        let outcomes: Vec<&str> = receipts.iter().map(|r| r.outcome.as_str()).collect();
+        assert_eq!(outcomes, ["applied", "duplicate", "ignored", "applied", "stale", "invalid", "unknown_role"]);
+        let again = deliver_batch(&t.db, &batch[..1], rolesync::timestamp::Timestamp::now()).await.unwrap();
+        assert_eq!(again[0].outcome, "duplicate", "committed ids are duplicates in later batches");
+        assert_eq!(inbox_count(&t).await, 6);
+        let audit = audit_of(&t.db, "org_1", "user_1").await;
+        let kinds: Vec<&str> = audit.iter().map(|r| r.outcome.as_str()).collect();
+        assert_eq!(kinds, ["applied", "applied", "stale"]);
+        assert_chain(&audit);
+        let stored: Vec<(String, String)> = sqlx::query_as("SELECT event_id, outcome FROM webhook_events ORDER BY event_id")
+            .fetch_all(t.db.pool()).await.unwrap();
+        let stored: Vec<(&str, &str)> = stored.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        assert_eq!(stored, [("e1", "applied"), ("e2", "ignored"), ("e3", "applied"), ("e4", "stale"), ("e5", "invalid"), ("e6", "unknown_role")]);
+    }
+}

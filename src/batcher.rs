@@ -1,0 +1,102 @@
+//! Group commit: concurrent deliveries share one transaction of a few set-based statements, and each
+//! is answered only after that commit. A failed batch is retried one delivery at a time, so one bad
+//! delivery never turns into a wrong answer for another.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use crate::db::{Db, DbError};
+use crate::timestamp::SharedClock;
+use crate::webhook::{deliver_batch, Incoming, Receipt};
+
+/// Most deliveries committed together.
+pub const MAX_BATCH: usize = 256;
+const QUEUE: usize = 8192;
+const TRANSIENT_RETRIES: u32 = 3;
+
+struct Job {
+    incoming: Incoming,
+    reply: oneshot::Sender<Result<Receipt, DbError>>,
+}
+
+/// The handle request handlers submit deliveries to.
+#[derive(Clone)]
+pub struct Batcher {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Batcher {
+    /// Starts `workers` committers over `db`; they stop when every handle is dropped.
+    pub fn spawn(db: Db, clock: SharedClock, workers: usize) -> Self {
+        let (jobs, queue) = mpsc::channel(QUEUE);
+        let queue = Arc::new(Mutex::new(queue));
+        for _ in 0..workers.max(1) {
+            tokio::spawn(work(db.clone(), clock.clone(), queue.clone()));
+        }
+        Self { jobs }
+    }
+
+    /// Stores one delivery with whatever else is waiting; resolves after the commit.
+    pub async fn submit(&self, incoming: Incoming) -> Result<Receipt, DbError> {
+        let (reply, answer) = oneshot::channel();
+        let closed = || DbError::Corrupt("the committer has stopped".into());
+        self.jobs
+            .send(Job { incoming, reply })
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+}
+
+async fn work(db: Db, clock: SharedClock, queue: Arc<Mutex<mpsc::Receiver<Job>>>) {
+    let mut jobs = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let received = queue.lock().await.recv_many(&mut jobs, MAX_BATCH).await;
+        if received == 0 {
+            return;
+        }
+        commit(&db, &clock, std::mem::take(&mut jobs)).await;
+    }
+}
+
+async fn commit(db: &Db, clock: &SharedClock, jobs: Vec<Job>) {
+    let (batch, replies): (Vec<Incoming>, Vec<_>) =
+        jobs.into_iter().map(|j| (j.incoming, j.reply)).unzip();
+    match with_retries(db, clock, &batch).await {
+        Ok(receipts) => {
+            for (reply, receipt) in replies.into_iter().zip(receipts) {
+                let _ = reply.send(Ok(receipt));
+            }
+        }
+        Err(e) if batch.len() == 1 => {
+            let _ = replies.into_iter().next().map(|r| r.send(Err(e)));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, size = batch.len(), "batch failed; committing its deliveries one by one");
+            for (incoming, reply) in batch.into_iter().zip(replies) {
+                let one = with_retries(db, clock, std::slice::from_ref(&incoming)).await;
+                let _ = reply.send(one.map(|mut r| r.remove(0)));
+            }
+        }
+    }
+}
+
+async fn with_retries(
+    db: &Db,
+    clock: &SharedClock,
+    batch: &[Incoming],
+) -> Result<Vec<Receipt>, DbError> {
+    let mut attempt = 0;
+    loop {
+        match deliver_batch(db, batch, clock.now()).await {
+            Err(e) if e.is_transient() && attempt < TRANSIENT_RETRIES => {
+                attempt += 1;
+                tracing::debug!(error = %e, attempt, "transient database error; retrying the batch");
+                tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+            }
+            result => return result,
+        }
+    }
+}
