@@ -2,13 +2,19 @@
 
 use std::sync::Arc;
 
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Json, Router};
+use serde_json::json;
 
 use crate::batcher::Batcher;
 use crate::config::{Config, Secret};
 use crate::db::{Backend, Db};
 use crate::login::{self, LoginService};
+use crate::metrics::Metrics;
+use crate::middleware::{self, Inbound};
 use crate::timestamp::{SharedClock, SystemClock};
 use crate::webhook;
 
@@ -20,6 +26,8 @@ pub struct AppState {
     pub clock: SharedClock,
     pub login: LoginService,
     pub batcher: Batcher,
+    pub metrics: Arc<Metrics>,
+    pub inbound: Inbound,
 }
 
 impl AppState {
@@ -34,34 +42,64 @@ impl AppState {
             Backend::Sqlite => 1,
             Backend::Postgres => 2,
         };
+        let metrics = Arc::new(Metrics::new());
         Self {
-            batcher: Batcher::spawn(db.clone(), clock.clone(), workers),
-            db,
+            batcher: Batcher::spawn(db.clone(), clock.clone(), workers, metrics.clone()),
+            login: LoginService::new(config, metrics.clone()),
+            inbound: Inbound::new(config),
             webhook_secrets: config
                 .webhook_secret
                 .clone()
                 .map(|s| s.0)
                 .unwrap_or_default(),
             tolerance_ms: i64::from(config.webhook_tolerance_secs) * 1000,
+            db,
             clock,
-            login: LoginService::new(config),
+            metrics,
         }
     }
 }
 
-/// Every route of rolesync.
+/// Every route of rolesync. The routes that do work sit behind the request middleware.
 pub fn build_router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
+    let work = Router::new()
         .route("/webhooks/workos", post(webhook::receive))
         .route("/v1/reconcile", post(login::reconcile_login))
         .route(
             "/v1/memberships/{organization_id}/{user_id}",
             get(login::get_membership),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::around,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(work)
         .with_state(state)
 }
 
+/// The process is up.
 async fn healthz() -> &'static str {
     "ok"
+}
+
+/// The database answers and every migration is applied.
+async fn readyz(State(app): State<Arc<AppState>>) -> Response {
+    match app.db.check_ready().await {
+        Ok(()) => (StatusCode::OK, Json(json!({"status": "ready"}))).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "not ready");
+            let body = json!({"status": "not_ready", "reason": e.to_string()});
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
+    }
+}
+
+/// The Prometheus exposition.
+async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    ([(header::CONTENT_TYPE, content_type)], app.metrics.render()).into_response()
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::db::{Db, DbError};
+use crate::metrics::Metrics;
 use crate::timestamp::SharedClock;
 use crate::webhook::{deliver_batch, Incoming, Receipt};
 
@@ -29,11 +30,16 @@ pub struct Batcher {
 
 impl Batcher {
     /// Starts `workers` committers over `db`; they stop when every handle is dropped.
-    pub fn spawn(db: Db, clock: SharedClock, workers: usize) -> Self {
+    pub fn spawn(db: Db, clock: SharedClock, workers: usize, metrics: Arc<Metrics>) -> Self {
         let (jobs, queue) = mpsc::channel(QUEUE);
         let queue = Arc::new(Mutex::new(queue));
         for _ in 0..workers.max(1) {
-            tokio::spawn(work(db.clone(), clock.clone(), queue.clone()));
+            let committer = Committer {
+                db: db.clone(),
+                clock: clock.clone(),
+                metrics: metrics.clone(),
+            };
+            tokio::spawn(work(committer, queue.clone()));
         }
         Self { jobs }
     }
@@ -50,14 +56,26 @@ impl Batcher {
     }
 }
 
-async fn work(db: Db, clock: SharedClock, queue: Arc<Mutex<mpsc::Receiver<Job>>>) {
+struct Committer {
+    db: Db,
+    clock: SharedClock,
+    metrics: Arc<Metrics>,
+}
+
+async fn work(committer: Committer, queue: Arc<Mutex<mpsc::Receiver<Job>>>) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     loop {
         let received = queue.lock().await.recv_many(&mut jobs, MAX_BATCH).await;
         if received == 0 {
             return;
         }
-        commit(&db, &clock, std::mem::take(&mut jobs)).await;
+        let started = std::time::Instant::now();
+        committer.metrics.batch_size.observe(received as f64);
+        commit(&committer.db, &committer.clock, std::mem::take(&mut jobs)).await;
+        committer
+            .metrics
+            .reconcile_duration
+            .observe(started.elapsed().as_secs_f64());
     }
 }
 

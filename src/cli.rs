@@ -8,10 +8,21 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use crate::app::AppState;
-use crate::config::Config;
+use std::io::IsTerminal;
+
+use crate::config::{Config, LogFormat};
 use crate::db::{self, Db};
-use crate::reconcile::Source;
+use std::time::Duration;
+
+use crate::config::parse_duration;
+use crate::db::inbox::StoredFilter;
+use crate::metrics::Metrics;
+use crate::reconcile::{Outcome, Source};
+use crate::resync;
+use crate::sync::Syncer;
+use crate::timestamp::SystemClock;
 use crate::timestamp::Timestamp;
+use crate::workos::WorkosClient;
 use crate::{login, replay, server, table};
 
 /// Keeps an application's database in step with the organization roles held in WorkOS.
@@ -60,12 +71,57 @@ pub enum Command {
     /// Sign fixture or scenario files with the first webhook secret and POST them to a running rolesync
     Replay {
         /// Files or folders of WorkOS event bodies or scenario files
-        #[arg(required = true)]
+        #[arg(required_unless_present = "stored", conflicts_with = "stored")]
         paths: Vec<std::path::PathBuf>,
         /// Webhook endpoint to deliver to
         #[arg(long, default_value = replay::DEFAULT_URL)]
         url: String,
+        /// Instead of files: re-run events stored in the inbox through the reconcile (source `replay`)
+        #[arg(long)]
+        stored: bool,
+        /// With --stored: only events received at or after this ISO-8601 time
+        #[arg(long, requires = "stored", value_parser = parse_time)]
+        since: Option<Timestamp>,
+        /// With --stored: only this event
+        #[arg(long, requires = "stored")]
+        event_id: Option<String>,
+        /// With --stored: only events whose stored outcome is this (e.g. unknown_role)
+        #[arg(long, requires = "stored")]
+        outcome: Option<String>,
     },
+    /// One catch-up pass over the WorkOS Events API, then exit
+    Sync,
+    /// Reconcile every membership of an organization against the WorkOS API (source `resync`)
+    Resync {
+        /// WorkOS organization id (org_...)
+        #[arg(long)]
+        org: String,
+        /// Print the differences and write nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Drop stored webhook payloads (and optionally event ids) older than a duration; audit rows are never pruned
+    Prune {
+        /// Drop payloads of deliveries received longer ago than this (e.g. 30d)
+        #[arg(long, value_parser = parse_duration)]
+        payloads_older_than: Option<Duration>,
+        /// Also delete event ids received longer ago than this; at least 3d, so that a late retry is still a duplicate
+        #[arg(long, value_parser = parse_retention)]
+        ids_older_than: Option<Duration>,
+    },
+}
+
+fn parse_time(text: &str) -> Result<Timestamp, String> {
+    Timestamp::parse(text).map_err(|e| e.to_string())
+}
+
+/// WorkOS retries a delivery for up to 3 days: ids younger than that must stay.
+fn parse_retention(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    match d >= Duration::from_secs(3 * 86_400) {
+        true => Ok(d),
+        false => Err("at least 3d: WorkOS retries deliveries for up to 3 days".into()),
+    }
 }
 
 /// Role subcommands.
@@ -85,20 +141,59 @@ pub enum RolesAction {
     },
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_tracing() {
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`): JSON lines unless `pretty` is asked for
+/// or stderr is a terminal.
+pub fn init_tracing(format: Option<LogFormat>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let json = match format {
+        Some(f) => f == LogFormat::Json,
+        None => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match json {
+        true => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        false => builder.try_init(),
+    };
 }
 
 /// Runs one command.
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     let config = cli.config;
     match cli.command {
-        Command::Replay { paths, url } => return replay::run(&config, &paths, &url).await,
+        Command::Replay {
+            stored: true,
+            since,
+            event_id,
+            outcome,
+            ..
+        } => {
+            let filter = StoredFilter {
+                since,
+                event_id,
+                outcome,
+            };
+            replay_stored(&open_db(&config).await?, &filter).await?
+        }
+        Command::Replay { paths, url, .. } => return replay::run(&config, &paths, &url).await,
+        Command::Sync => sync_once(&config).await?,
+        Command::Resync { org, dry_run } => resync(&config, &org, dry_run).await?,
+        Command::Prune {
+            payloads_older_than,
+            ids_older_than,
+        } => {
+            prune(
+                &open_db(&config).await?,
+                payloads_older_than,
+                ids_older_than,
+            )
+            .await?
+        }
         Command::Serve => serve(config).await?,
         Command::Migrate => {
             open_db(&config).await?;
@@ -143,7 +238,13 @@ async fn serve(config: Config) -> Result<()> {
         tracing::warn!("WORKOS_API_KEY is not set: logins answer from the database only");
     }
     tracing::info!(listen = %config.listen, database = %config.database_url, "rolesync serving");
-    server::serve(listener, state, server::shutdown_signal()).await?;
+    let catch_up =
+        syncer(&config, &state).map(|(s, interval)| tokio::spawn(s.run_forever(interval)));
+    let grace = std::time::Duration::from_secs(config.shutdown_grace_secs);
+    server::serve(listener, state, server::shutdown_signal(), grace).await?;
+    if let Some(task) = catch_up {
+        task.abort();
+    }
     db.close().await;
     tracing::info!("rolesync stopped");
     Ok(())
@@ -161,6 +262,146 @@ async fn reconcile_now(config: Config, user: &str, org: &str) -> Result<ExitCode
         Some(_) => ExitCode::FAILURE,
         None => ExitCode::SUCCESS,
     })
+}
+
+fn workos_client(config: &Config, metrics: Arc<Metrics>) -> Result<WorkosClient> {
+    if config.api_key.is_none() {
+        bail!("WORKOS_API_KEY: not set; this command reads the WorkOS API");
+    }
+    Ok(WorkosClient::new(
+        &config.api_base_url.0,
+        config.api_key.clone(),
+        metrics,
+    ))
+}
+
+/// The Events API catch-up of `serve`, unless disabled or without an API key.
+fn syncer(config: &Config, state: &AppState) -> Option<(Syncer, Duration)> {
+    let interval = Duration::from_secs(config.sync_interval_secs);
+    if interval.is_zero() || config.api_key.is_none() {
+        return None;
+    }
+    let syncer = Syncer {
+        db: state.db.clone(),
+        workos: state.login.workos.clone(),
+        clock: state.clock.clone(),
+        metrics: state.metrics.clone(),
+        lookback: config.sync_lookback,
+    };
+    Some((syncer, interval))
+}
+
+async fn sync_once(config: &Config) -> Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let syncer = Syncer {
+        db: open_db(config).await?,
+        workos: workos_client(config, metrics.clone())?,
+        clock: Arc::new(SystemClock),
+        metrics,
+        lookback: config.sync_lookback,
+    };
+    let report = syncer.run_once().await?;
+    let outcomes: Vec<String> = report
+        .outcomes
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    match report.skipped {
+        true => println!("another process is syncing; nothing done"),
+        false => println!(
+            "{} pages, {} events: {}",
+            report.pages,
+            report.events,
+            outcomes.join(" ")
+        ),
+    }
+    Ok(())
+}
+
+async fn resync(config: &Config, org: &str, dry_run: bool) -> Result<()> {
+    let db = open_db(config).await?;
+    let workos = workos_client(config, Arc::new(Metrics::new()))?;
+    let changes = resync::resync(&db, &workos, org, dry_run, Timestamp::now()).await?;
+    let show = |v: Option<&str>| v.unwrap_or("-").to_owned();
+    let rows: Vec<Vec<String>> = changes
+        .iter()
+        .filter(|c| !dry_run || c.outcome != Outcome::Unchanged)
+        .map(|c| {
+            let stored = c.stored.as_ref();
+            let observed = if c.observed.deleted {
+                "deleted".to_owned()
+            } else {
+                c.observed.status.clone()
+            };
+            vec![
+                c.observed.user_id.clone(),
+                format!(
+                    "{} / {}",
+                    show(stored.and_then(|s| s.role_slug.as_deref())),
+                    show(stored.map(|s| s.status.as_str()))
+                ),
+                format!("{} / {}", show(c.observed.role_slug.as_deref()), observed),
+                c.outcome.as_str().to_owned(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table::render(
+            &[
+                "USER",
+                "STORED ROLE / STATUS",
+                "WORKOS ROLE / STATUS",
+                "OUTCOME"
+            ],
+            &rows
+        )
+    );
+    let verb = if dry_run {
+        "would change (dry run, nothing written)"
+    } else {
+        "reconciled"
+    };
+    println!(
+        "{} memberships in WorkOS or stored; {} {verb}",
+        changes.len(),
+        rows.len()
+    );
+    Ok(())
+}
+
+async fn replay_stored(db: &Db, filter: &StoredFilter) -> Result<()> {
+    let done = replay::replay_stored(db, filter, Timestamp::now()).await?;
+    let rows: Vec<Vec<String>> = done
+        .iter()
+        .map(|r| vec![r.event_id.clone(), r.before.clone(), r.after.clone()])
+        .collect();
+    print!("{}", table::render(&["EVENT", "BEFORE", "AFTER"], &rows));
+    println!("{} stored events re-applied", rows.len());
+    Ok(())
+}
+
+async fn prune(db: &Db, payloads: Option<Duration>, ids: Option<Duration>) -> Result<()> {
+    if payloads.is_none() && ids.is_none() {
+        bail!("nothing to prune: give --payloads-older-than and/or --ids-older-than");
+    }
+    let cutoff = |d: Duration| {
+        Timestamp::from_millis(Timestamp::now().millis() - d.as_millis() as i64)
+            .unwrap_or(Timestamp::now())
+    };
+    if let Some(d) = payloads {
+        println!(
+            "{} payloads dropped",
+            db::inbox::prune_payloads(db.pool(), cutoff(d)).await?
+        );
+    }
+    if let Some(d) = ids {
+        println!(
+            "{} event ids deleted",
+            db::inbox::prune_ids(db.pool(), cutoff(d)).await?
+        );
+    }
+    Ok(())
 }
 
 async fn roles(db: &Db, action: RolesAction) -> Result<()> {

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::time::Duration;
 
 use clap::Args;
 
@@ -127,6 +128,47 @@ impl FromStr for BaseUrl {
     }
 }
 
+/// A duration written as a number and a unit: `30d`, `12h`, `90m`, `45s`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 30d, 12h, 90m or 45s"))?;
+    let seconds = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" | "" => 1,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use d, h, m or s)"
+            ))
+        }
+    };
+    n.checked_mul(seconds)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+fn parse_lookback(text: &str) -> Result<Duration, String> {
+    let lookback = parse_duration(text)?;
+    match lookback <= Duration::from_secs(30 * 86_400) {
+        true => Ok(lookback),
+        false => Err("at most 30d: WorkOS keeps events for 30 days".into()),
+    }
+}
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
 /// Every setting of rolesync. Each flag falls back to the environment variable it names.
 #[derive(Args, Clone, Debug)]
 pub struct Config {
@@ -230,6 +272,79 @@ pub struct Config {
     )]
     pub workos_rps: u32,
 
+    /// Log format: json (default when stderr is not a terminal) or pretty
+    #[arg(
+        long,
+        env = "ROLESYNC_LOG_FORMAT",
+        value_name = "ROLESYNC_LOG_FORMAT",
+        global = true
+    )]
+    pub log_format: Option<LogFormat>,
+
+    /// Requests per second allowed per client address before 429 (0: off, the default)
+    #[arg(
+        long,
+        env = "ROLESYNC_RATE_LIMIT_PER_IP",
+        value_name = "ROLESYNC_RATE_LIMIT_PER_IP",
+        default_value_t = 0,
+        global = true
+    )]
+    pub rate_limit_per_ip: u32,
+
+    /// Burst allowed per client address above the steady rate
+    #[arg(
+        long,
+        env = "ROLESYNC_RATE_LIMIT_BURST",
+        value_name = "ROLESYNC_RATE_LIMIT_BURST",
+        default_value_t = 50,
+        global = true
+    )]
+    pub rate_limit_burst: u32,
+
+    /// Comma-separated addresses of reverse proxies whose X-Forwarded-For is trusted
+    #[arg(
+        long,
+        env = "ROLESYNC_TRUSTED_PROXY",
+        value_name = "ROLESYNC_TRUSTED_PROXY",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub trusted_proxy: Vec<std::net::IpAddr>,
+
+    /// Longest a request may take before it is answered 503
+    #[arg(
+        long,
+        env = "ROLESYNC_REQUEST_TIMEOUT_SECS",
+        value_name = "ROLESYNC_REQUEST_TIMEOUT_SECS",
+        default_value_t = 30,
+        global = true
+    )]
+    pub request_timeout_secs: u64,
+
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish
+    #[arg(
+        long,
+        env = "ROLESYNC_SHUTDOWN_GRACE_SECS",
+        value_name = "ROLESYNC_SHUTDOWN_GRACE_SECS",
+        default_value_t = 20,
+        global = true
+    )]
+    pub shutdown_grace_secs: u64,
+
+    /// Seconds between Events API catch-up passes inside `serve` (0: off; off without WORKOS_API_KEY)
+    #[arg(
+        long,
+        env = "ROLESYNC_SYNC_INTERVAL_SECS",
+        value_name = "ROLESYNC_SYNC_INTERVAL_SECS",
+        default_value_t = 60,
+        global = true
+    )]
+    pub sync_interval_secs: u64,
+
+    /// How far back the first catch-up pass starts (e.g. 3d, 72h; at most 30d)
+    #[arg(long, env = "ROLESYNC_SYNC_LOOKBACK", value_name = "ROLESYNC_SYNC_LOOKBACK", default_value = "3d", value_parser = parse_lookback, global = true)]
+    pub sync_lookback: Duration,
+
     /// Database connections in the pool
     #[arg(
         long,
@@ -293,6 +408,18 @@ mod tests {
                 "{bad} should be refused"
             );
         }
+    }
+
+    #[test]
+    fn durations_read_days_hours_minutes_and_seconds() {
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(43_200)));
+        assert_eq!(parse_duration("90m"), Ok(Duration::from_secs(5_400)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        for bad in ["", "d", "3w", "-1d", "1.5h"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_lookback("31d").is_err() && parse_lookback("30d").is_ok());
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod audit;
 pub mod inbox;
 pub mod memberships;
 pub mod roles;
+pub mod sync_state;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -39,7 +40,7 @@ pub fn values_list(rows: usize, columns: usize) -> String {
 /// A storage failure; the request path answers it with 503 so that WorkOS retries.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("database error: {0}")]
+    #[error(transparent)]
     Sqlx(#[from] sqlx::Error),
     #[error("migration error: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -104,6 +105,9 @@ impl Db {
             _ => url.to_owned(),
         };
         let options = AnyConnectOptions::from_str(&url)?;
+        // One direct connection first, so that an unreachable server reports its real cause
+        // rather than a pool timeout.
+        AnyConnection::connect_with(&options).await?.close().await?;
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))

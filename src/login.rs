@@ -22,6 +22,7 @@ use crate::app::AppState;
 use crate::config::{Config, Secret};
 use crate::db;
 use crate::error::AppError;
+use crate::metrics::{LoginLabels, Metrics};
 use crate::reconcile::{reconcile, Membership, Observation, Outcome, Source, DELETED};
 use crate::workos::{WorkosClient, WorkosError};
 
@@ -73,11 +74,12 @@ pub struct LoginService {
     global: Option<DefaultDirectRateLimiter>,
     inflight: Mutex<HashMap<Key, Flight>>,
     logins: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 impl LoginService {
     /// From settings.
-    pub fn new(config: &Config) -> Self {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Self {
         let per_membership = Duration::from_secs(config.login_refresh_secs)
             .gt(&Duration::ZERO)
             .then(|| Quota::with_period(Duration::from_secs(config.login_refresh_secs)))
@@ -86,13 +88,18 @@ impl LoginService {
         let global = NonZeroU32::new(config.workos_rps)
             .map(|rps| RateLimiter::direct(Quota::per_second(rps)));
         Self {
-            workos: WorkosClient::new(&config.api_base_url.0, config.api_key.clone()),
+            workos: WorkosClient::new(
+                &config.api_base_url.0,
+                config.api_key.clone(),
+                metrics.clone(),
+            ),
             token: config.login_token.clone(),
             budget: Duration::from_millis(config.login_budget_ms),
             per_membership,
             global,
             inflight: Mutex::new(HashMap::new()),
             logins: AtomicU64::new(0),
+            metrics,
         }
     }
 
@@ -126,9 +133,11 @@ impl LoginService {
             .as_ref()
             .is_some_and(|l| l.check_key(key).is_err())
         {
+            self.metrics.limited("per_membership");
             return Err(None);
         }
         if self.global.as_ref().is_some_and(|l| l.check().is_err()) {
+            self.metrics.limited("global");
             tracing::warn!("ROLESYNC_WORKOS_RPS reached; answering logins from the database");
             return Err(Some("rate_limited_locally".into()));
         }
@@ -142,9 +151,31 @@ pub async fn reconcile_login(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<LoginAnswer>, AppError> {
-    app.login.authorize(&headers)?;
-    let (user_id, organization_id) = parse_request(&body)?;
-    let answer = login(&app, &user_id, &organization_id).await?;
+    let result = handle(&app, &headers, &body).await;
+    let (outcome, source) = match &result {
+        Ok(a) => (a.outcome.map_or("none", Outcome::as_str), a.source),
+        Err(e) => (e.status_and_code().1, "none"),
+    };
+    let labels = LoginLabels {
+        outcome: outcome.to_owned(),
+        source: source.to_owned(),
+    };
+    app.metrics.login_answers.get_or_create(&labels).inc();
+    tracing::Span::current().record("outcome", outcome);
+    result
+}
+
+async fn handle(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Json<LoginAnswer>, AppError> {
+    app.login.authorize(headers)?;
+    let (user_id, organization_id) = parse_request(body)?;
+    let span = tracing::Span::current();
+    span.record("user_id", user_id.as_str());
+    span.record("organization_id", organization_id.as_str());
+    let answer = login(app, &user_id, &organization_id).await?;
     tracing::info!(
         user_id = %answer.user_id,
         organization_id = %answer.organization_id,

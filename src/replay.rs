@@ -8,9 +8,14 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::config::Config;
+use crate::db::inbox::{StoredEvent, StoredFilter};
+use crate::db::{self, Db};
+use crate::reconcile::{reconcile_batch, Observation, Source};
 use crate::table;
 use crate::timestamp::Timestamp;
+use crate::webhook::event::EventKind;
 use crate::webhook::signature;
+use crate::webhook::Incoming;
 
 /// Where `replay` delivers unless told otherwise.
 pub const DEFAULT_URL: &str = "http://127.0.0.1:8080/webhooks/workos";
@@ -156,4 +161,66 @@ fn event_id(body: &[u8]) -> String {
         .and_then(Value::as_str)
         .unwrap_or("-")
         .to_owned()
+}
+
+/// One stored event re-run by `replay --stored`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reapplied {
+    pub event_id: String,
+    pub before: String,
+    pub after: String,
+}
+
+/// Re-runs stored inbox events through the reconcile (source `replay`), oldest first, without
+/// signature or timestamp checks, and records each new outcome. Versions keep it safe: nothing
+/// newer is overwritten.
+pub async fn replay_stored(
+    db: &Db,
+    filter: &StoredFilter,
+    now: Timestamp,
+) -> Result<Vec<Reapplied>> {
+    let mut done = Vec::new();
+    let mut after: Option<(String, String)> = None;
+    loop {
+        let position = after.as_ref().map(|(t, id)| (t.as_str(), id.as_str()));
+        let page = db::inbox::stored(db.pool(), filter, position, STORED_PAGE).await?;
+        let Some(last) = page.last() else {
+            return Ok(done);
+        };
+        after = Some((last.received_at.clone(), last.event_id.clone()));
+        done.extend(reapply(db, &page, now).await?);
+    }
+}
+
+const STORED_PAGE: i64 = 200;
+
+async fn reapply(db: &Db, page: &[StoredEvent], now: Timestamp) -> Result<Vec<Reapplied>> {
+    let parsed: Vec<(&StoredEvent, Observation)> = page
+        .iter()
+        .filter_map(|e| {
+            match Incoming::parse(e.payload.as_bytes(), Source::Replay).map(|i| i.kind) {
+                Ok(EventKind::Membership(obs)) => Some((e, obs)),
+                _ => None,
+            }
+        })
+        .collect();
+    let observations: Vec<&Observation> = parsed.iter().map(|(_, o)| o).collect();
+    let mut tx = db.begin_write().await?;
+    let outcomes = reconcile_batch(&mut tx, db, &observations, now).await?;
+    let settled: Vec<(&str, &str)> = parsed
+        .iter()
+        .zip(&outcomes)
+        .map(|((e, _), o)| (e.event_id.as_str(), o.as_str()))
+        .collect();
+    db::inbox::set_outcomes(&mut *tx, &settled).await?;
+    tx.commit().await?;
+    Ok(parsed
+        .iter()
+        .zip(outcomes)
+        .map(|((e, _), o)| Reapplied {
+            event_id: e.event_id.clone(),
+            before: e.outcome.clone(),
+            after: o.as_str().to_owned(),
+        })
+        .collect())
 }

@@ -16,8 +16,11 @@ use crate::app::AppState;
 use std::collections::HashMap;
 
 use crate::db::inbox::InboxRow;
+use sqlx::AnyConnection;
+
 use crate::db::{self, Db, DbError};
 use crate::error::AppError;
+use crate::metrics::{PositionLabel, ReasonLabel};
 use crate::reconcile::{reconcile_batch, Observation, Source};
 use crate::timestamp::Timestamp;
 use event::{classify, parse_envelope, EventKind, PayloadError};
@@ -32,14 +35,43 @@ pub struct Receipt {
     pub outcome: String,
 }
 
-/// The webhook route handler.
+/// The webhook route handler: every answer is counted by outcome or error code.
 pub async fn receive(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Receipt>, AppError> {
-    let body = read_limited(&headers, body).await?;
-    let secret = verify(&app, &headers, &body)?;
+    let result = handle(&app, &headers, body).await;
+    let label = match &result {
+        Ok(receipt) => receipt.outcome.as_str(),
+        Err(e) => e.status_and_code().1,
+    };
+    app.metrics.outcome(label);
+    tracing::Span::current().record("outcome", label);
+    if let Err(AppError::Signature(e)) = &result {
+        app.metrics
+            .signature_failures
+            .get_or_create(&ReasonLabel {
+                reason: e.code().to_owned(),
+            })
+            .inc();
+    }
+    result
+}
+
+async fn handle(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Json<Receipt>, AppError> {
+    let body = read_limited(headers, body).await?;
+    let secret = verify(app, headers, &body)?;
+    app.metrics
+        .signature_secret
+        .get_or_create(&PositionLabel {
+            position: secret.to_string(),
+        })
+        .inc();
     let incoming =
         Incoming::parse(&body, Source::Webhook).map_err(|e| AppError::InvalidPayload(e.0))?;
     tracing::Span::current().record("event_id", incoming.event_id.as_str());
@@ -153,64 +185,76 @@ pub async fn deliver_batch(
     batch: &[Incoming],
     now: Timestamp,
 ) -> Result<Vec<Receipt>, DbError> {
-    let mut first_seen: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
-    for (i, incoming) in batch.iter().enumerate() {
-        first_seen.entry(incoming.event_id.as_str()).or_insert(i);
-    }
-    let is_first = |i: usize, d: &Incoming| first_seen[d.event_id.as_str()] == i;
-    let rows: Vec<InboxRow> = batch
+    let mut tx = db.begin_write().await?;
+    let receipts = deliver_batch_in(&mut tx, db, batch, now).await?;
+    tx.commit().await?;
+    Ok(receipts)
+}
+
+/// [`deliver_batch`] inside the caller's write transaction, which the caller commits.
+pub async fn deliver_batch_in(
+    conn: &mut AnyConnection,
+    db: &Db,
+    batch: &[Incoming],
+    now: Timestamp,
+) -> Result<Vec<Receipt>, DbError> {
+    let first = first_occurrences(batch);
+    let rows: Vec<InboxRow> = first
         .iter()
-        .enumerate()
-        .filter(|(i, d)| is_first(*i, d))
-        .map(|(_, d)| InboxRow {
+        .map(|&i| &batch[i])
+        .map(|d| InboxRow {
             event_id: &d.event_id,
             event_type: &d.event_type,
             payload: &d.payload,
             outcome: d.provisional_outcome(),
         })
         .collect();
-    let mut tx = db.begin_write().await?;
-    let fresh = db::inbox::insert_many(&mut *tx, &rows, now).await?;
-    let stored = |i: usize, d: &Incoming| is_first(i, d) && fresh.contains(&d.event_id);
-    let members: Vec<(usize, &Observation)> = batch
+    let fresh = db::inbox::insert_many(&mut *conn, &rows, now).await?;
+    let stored: Vec<usize> = first
+        .into_iter()
+        .filter(|&i| fresh.contains(&batch[i].event_id))
+        .collect();
+    let members: Vec<(usize, &Observation)> = stored
         .iter()
-        .enumerate()
-        .filter(|(i, d)| stored(*i, d))
-        .filter_map(|(i, d)| match &d.kind {
+        .filter_map(|&i| match &batch[i].kind {
             EventKind::Membership(obs) => Some((i, obs)),
             _ => None,
         })
         .collect();
     let observations: Vec<&Observation> = members.iter().map(|(_, o)| *o).collect();
-    let outcomes = reconcile_batch(&mut tx, db, &observations, now).await?;
+    let outcomes = reconcile_batch(&mut *conn, db, &observations, now).await?;
     let settled: Vec<(&str, &str)> = members
         .iter()
         .zip(&outcomes)
         .map(|((i, _), o)| (batch[*i].event_id.as_str(), o.as_str()))
         .collect();
-    db::inbox::set_outcomes(&mut *tx, &settled).await?;
-    tx.commit().await?;
-    let mut by_index: HashMap<usize, &str> = members
+    db::inbox::set_outcomes(&mut *conn, &settled).await?;
+    let mut answers: HashMap<usize, &str> = stored
         .iter()
-        .zip(&outcomes)
-        .map(|((i, _), o)| (*i, o.as_str()))
+        .map(|&i| (i, batch[i].provisional_outcome()))
         .collect();
+    answers.extend(
+        members
+            .iter()
+            .zip(&outcomes)
+            .map(|((i, _), o)| (*i, o.as_str())),
+    );
     Ok(batch
         .iter()
         .enumerate()
-        .map(|(i, d)| {
-            let outcome = match stored(i, d) {
-                false => DUPLICATE,
-                true => by_index
-                    .remove(&i)
-                    .unwrap_or_else(|| d.provisional_outcome()),
-            };
-            Receipt {
-                event_id: d.event_id.clone(),
-                outcome: outcome.to_owned(),
-            }
+        .map(|(i, d)| Receipt {
+            event_id: d.event_id.clone(),
+            outcome: answers.get(&i).unwrap_or(&DUPLICATE).to_string(),
         })
         .collect())
+}
+
+/// Indexes of the first delivery of each event id, in order.
+fn first_occurrences(batch: &[Incoming]) -> Vec<usize> {
+    let mut seen = std::collections::HashSet::with_capacity(batch.len());
+    (0..batch.len())
+        .filter(|&i| seen.insert(batch[i].event_id.as_str()))
+        .collect()
 }
 
 /// Delivers one event in its own transaction.

@@ -9,7 +9,10 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use std::sync::Arc;
+
 use crate::config::Secret;
+use crate::metrics::Metrics;
 use crate::reconcile::{Observation, Source};
 use crate::timestamp::Timestamp;
 
@@ -114,16 +117,17 @@ impl ApiMembership {
 }
 
 /// The shared WorkOS client.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WorkosClient {
     http: reqwest::Client,
     base_url: String,
     api_key: Option<Secret>,
+    metrics: Arc<Metrics>,
 }
 
 impl WorkosClient {
     /// A client for `base_url` (no trailing slash).
-    pub fn new(base_url: &str, api_key: Option<Secret>) -> Self {
+    pub fn new(base_url: &str, api_key: Option<Secret>, metrics: Arc<Metrics>) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
@@ -134,6 +138,7 @@ impl WorkosClient {
             http,
             base_url: base_url.to_owned(),
             api_key,
+            metrics,
         }
     }
 
@@ -209,6 +214,7 @@ impl WorkosClient {
                 return Err(error);
             }
             tracing::info!(error = %error, attempt, wait_ms = wait.as_millis() as u64, "retrying WorkOS request");
+            self.metrics.workos_retries.inc();
             tokio::time::sleep(wait).await;
             attempt += 1;
         }
@@ -237,10 +243,18 @@ impl WorkosClient {
         })
         .await;
         let (status, headers, body) = match response {
-            Err(_) => return Err((WorkosError::Timeout, None)),
-            Ok(Err(e)) => return Err((WorkosError::Transport(e.without_url().to_string()), None)),
+            Err(_) => {
+                self.metrics.workos_call("timeout");
+                return Err((WorkosError::Timeout, None));
+            }
+            Ok(Err(e)) => {
+                self.metrics.workos_call("transport");
+                return Err((WorkosError::Transport(e.without_url().to_string()), None));
+            }
             Ok(Ok(parts)) => parts,
         };
+        self.metrics
+            .workos_call(&format!("{}xx", status.as_u16() / 100));
         let request_id = headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())

@@ -70,3 +70,69 @@ pub async fn count<'c>(conn: impl Executor<'c, Database = Any>) -> Result<i64, D
         .fetch_one(conn)
         .await?)
 }
+
+/// A stored delivery read back for replay.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StoredEvent {
+    pub event_id: String,
+    pub received_at: String,
+    pub payload: String,
+    pub outcome: String,
+}
+
+/// Which stored deliveries to read back.
+#[derive(Debug, Clone, Default)]
+pub struct StoredFilter {
+    pub since: Option<Timestamp>,
+    pub event_id: Option<String>,
+    pub outcome: Option<String>,
+}
+
+/// Stored deliveries that still have their payload, oldest first, at most `limit` after `after_id`.
+pub async fn stored<'c>(
+    conn: impl Executor<'c, Database = Any>,
+    filter: &StoredFilter,
+    after: Option<(&str, &str)>,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, DbError> {
+    Ok(sqlx::query_as(
+        "SELECT event_id, received_at, payload, outcome FROM webhook_events WHERE payload IS NOT NULL \
+         AND ($1 IS NULL OR received_at >= $1) AND ($2 IS NULL OR event_id = $2) AND ($3 IS NULL OR outcome = $3) \
+         AND ($4 IS NULL OR received_at > $4 OR (received_at = $4 AND event_id > $5)) \
+         ORDER BY received_at, event_id LIMIT $6",
+    )
+    .bind(filter.since.map(|t| t.to_string()))
+    .bind(filter.event_id.as_deref())
+    .bind(filter.outcome.as_deref())
+    .bind(after.map(|a| a.0))
+    .bind(after.map(|a| a.1))
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Drops the payloads of deliveries received before `cutoff`, keeping their ids; returns how many.
+pub async fn prune_payloads<'c>(
+    conn: impl Executor<'c, Database = Any>,
+    cutoff: Timestamp,
+) -> Result<u64, DbError> {
+    let done = sqlx::query(
+        "UPDATE webhook_events SET payload = NULL WHERE received_at < $1 AND payload IS NOT NULL",
+    )
+    .bind(cutoff.to_string())
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Deletes deliveries (ids included) received before `cutoff`; returns how many.
+pub async fn prune_ids<'c>(
+    conn: impl Executor<'c, Database = Any>,
+    cutoff: Timestamp,
+) -> Result<u64, DbError> {
+    let done = sqlx::query("DELETE FROM webhook_events WHERE received_at < $1")
+        .bind(cutoff.to_string())
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected())
+}

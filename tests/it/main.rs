@@ -6,5 +6,7 @@ pub mod support;
 mod fake_workos;
 mod login;
 mod migrations;
+mod ops;
+mod process;
 mod reconcile;
 mod webhook;

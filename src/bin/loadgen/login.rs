@@ -1,0 +1,468 @@
+//! `loadgen login`: rolesync pointed at an in-process stand-in WorkOS that answers after a fixed delay;
+//! two rounds of one login per user. Reports the latency rolesync adds (latency minus the delay) and
+//! checks that the first round writes each membership once and the second writes nothing.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use rolesync::db::Db;
+use serde_json::{json, Value};
+
+use crate::fake_workos::{self, role_of, version_of, Fake};
+use crate::ledger::Ledger;
+use crate::report::{ending_json, ending_text, ledger_text, mib, shown_env};
+use crate::run::server_spec;
+use crate::send::{self, Run};
+use crate::server::{proc_stats, Ending, ProcStats, Server, ServerSpec};
+use crate::stats::Latency;
+use crate::workload::{org_id, ts, user_id, MAX_MEMBERSHIPS};
+use crate::{Common, LoginArgs};
+
+/// How one login was answered.
+#[derive(Debug, Clone)]
+enum Reply {
+    /// 200: the outcome (null when answered from the database), and whether role, status and source
+    /// (`workos`) are what the stand-in holds.
+    Answer {
+        outcome: String,
+        right: bool,
+        body: String,
+    },
+    Rejected(String),
+}
+
+/// Sends the logins of one round, users in a fixed shuffled order.
+struct Logins {
+    client: reqwest::Client,
+    url: String,
+    token: String,
+    users: Vec<usize>,
+}
+
+impl Logins {
+    async fn send(self: Arc<Self>, k: usize) -> Reply {
+        let i = self.users[k];
+        let body = json!({"user_id": user_id(i), "organization_id": org_id(i)});
+        let sent = self
+            .client
+            .post(&self.url)
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(r) => r,
+            Err(e) => return Reply::Rejected(format!("transport error: {e}")),
+        };
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Reply::Rejected(format!("HTTP {} {text}", status.as_u16()));
+        }
+        let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let right = answer["role"] == role_of(i)
+            && answer["status"] == "active"
+            && answer["source"] == "workos";
+        Reply::Answer {
+            outcome: answer["outcome"].as_str().unwrap_or("null").to_owned(),
+            right,
+            body: text,
+        }
+    }
+}
+
+/// One round's figures and answers.
+struct Round {
+    elapsed: Duration,
+    latency: Latency,
+    /// Latency minus the stand-in's delay: what rolesync adds.
+    added: Latency,
+    outcomes: BTreeMap<String, usize>,
+    wrong: Vec<String>,
+    rejected: Vec<String>,
+}
+
+impl Round {
+    fn of(run: &Run<Reply>, delay: Duration) -> Self {
+        let mut round = Round {
+            elapsed: run.elapsed,
+            latency: Latency::of(run.records.iter().map(|r| r.latency)),
+            added: Latency::of_micros(
+                run.records
+                    .iter()
+                    .map(|r| r.latency.as_micros() as i64 - delay.as_micros() as i64)
+                    .collect(),
+            ),
+            outcomes: BTreeMap::new(),
+            wrong: vec![],
+            rejected: vec![],
+        };
+        for r in &run.records {
+            match &r.reply {
+                Reply::Answer {
+                    outcome,
+                    right,
+                    body,
+                } => {
+                    *round.outcomes.entry(outcome.clone()).or_default() += 1;
+                    if !right {
+                        round.wrong.push(body.clone());
+                    }
+                }
+                Reply::Rejected(why) => round.rejected.push(why.clone()),
+            }
+        }
+        round
+    }
+
+    fn per_second(&self) -> f64 {
+        self.latency.count as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// What the database holds for the bench: audit rows, and per user (role, status, version, updated_at).
+struct DbState {
+    audit: i64,
+    audit_login_applied: i64,
+    rows: BTreeMap<String, (Option<String>, String, String, String)>,
+}
+
+async fn db_state(db: &Db) -> Result<DbState> {
+    let audit = sqlx::query_scalar("SELECT COUNT(*) FROM role_audit")
+        .fetch_one(db.pool())
+        .await?;
+    let audit_login_applied = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM role_audit WHERE source = 'login' AND outcome = 'applied'",
+    )
+    .fetch_one(db.pool())
+    .await?;
+    let rows: Vec<(String, Option<String>, String, String, String)> =
+        sqlx::query_as("SELECT user_id, role_slug, status, version, updated_at FROM memberships")
+            .fetch_all(db.pool())
+            .await?;
+    let rows = rows
+        .into_iter()
+        .map(|(u, r, s, v, at)| (u, (r, s, v, at)))
+        .collect();
+    Ok(DbState {
+        audit,
+        audit_login_applied,
+        rows,
+    })
+}
+
+/// A round's answers: none rejected, each right, each with the outcome this round must give.
+fn check_round(l: &mut Ledger, name: &str, r: &Round, users: usize, want: &str) {
+    let first = r.rejected.first().cloned().unwrap_or_default();
+    l.check(
+        &format!("{name} rejected"),
+        r.rejected.is_empty(),
+        format!("{} non-2xx or transport errors {first}", r.rejected.len()),
+    );
+    let first = r.wrong.first().cloned().unwrap_or_default();
+    l.check(
+        &format!("{name} answers"),
+        r.wrong.is_empty(),
+        format!(
+            "{} answers without the WorkOS role/status/source {first}",
+            r.wrong.len()
+        ),
+    );
+    let got = r.outcomes.get(want).copied().unwrap_or(0);
+    l.equal(
+        &format!("{name} outcomes"),
+        got as i64,
+        users as i64,
+        &format!("'{want}' of {users} logins; all: {:?}", r.outcomes),
+    );
+}
+
+/// After round 1: one row per user as WorkOS holds it, one `login`/`applied` audit row per user.
+fn check_first_state(l: &mut Ledger, s: &DbState, users: usize) {
+    let wrong = (0..users)
+        .filter(|&i| {
+            let want = (
+                Some(role_of(i).to_owned()),
+                "active".to_owned(),
+                ts(version_of(i)),
+            );
+            s.rows
+                .get(&user_id(i))
+                .map(|(r, st, v, _)| (r.clone(), st.clone(), v.clone()))
+                != Some(want)
+        })
+        .count();
+    l.equal(
+        "memberships",
+        s.rows.len() as i64,
+        users as i64,
+        "rows after the first round",
+    );
+    l.equal(
+        "membership state",
+        wrong as i64,
+        0,
+        "rows not at the WorkOS role, status and version",
+    );
+    l.equal(
+        "audit first",
+        s.audit,
+        users as i64,
+        "audit rows after the first round",
+    );
+    l.equal(
+        "audit login",
+        s.audit_login_applied,
+        users as i64,
+        "login/applied audit rows",
+    );
+}
+
+/// After round 2: nothing written.
+fn check_second_state(l: &mut Ledger, before: &DbState, after: &DbState) {
+    l.equal(
+        "audit second",
+        after.audit - before.audit,
+        0,
+        "audit rows written by the second round",
+    );
+    let moved = before
+        .rows
+        .iter()
+        .filter(|(u, row)| after.rows.get(*u) != Some(row))
+        .count();
+    l.equal(
+        "updated_at",
+        moved as i64,
+        0,
+        "memberships rewritten by the second round (updated_at or state changed)",
+    );
+}
+
+fn check_fake(l: &mut Ledger, fake: &Fake, users: usize) {
+    l.equal(
+        "workos calls",
+        Fake::count(&fake.calls) as i64,
+        2 * users as i64,
+        "stand-in calls (one per login)",
+    );
+    l.equal(
+        "workos auth",
+        Fake::count(&fake.bad_auth) as i64,
+        0,
+        "calls without Bearer sk_bench",
+    );
+    l.equal(
+        "workos other",
+        Fake::count(&fake.other) as i64,
+        0,
+        "calls to any other path",
+    );
+    l.equal(
+        "workos lookups",
+        Fake::count(&fake.strangers) as i64,
+        0,
+        "calls naming no bench membership",
+    );
+}
+
+/// The server's environment: pointed at the stand-in, no refresh or rate limits.
+fn login_spec(common: &Common, fake_url: String, token: &str) -> Result<ServerSpec> {
+    let secret = format!("whsec_bench_{:016x}", fastrand::u64(..));
+    server_spec(
+        common,
+        &[
+            ("WORKOS_WEBHOOK_SECRET", secret),
+            ("WORKOS_API_BASE_URL", fake_url),
+            ("WORKOS_API_KEY", fake_workos::API_KEY.to_owned()),
+            ("ROLESYNC_LOGIN_TOKEN", token.to_owned()),
+            ("ROLESYNC_LOGIN_REFRESH_SECS", "0".to_owned()),
+            ("ROLESYNC_WORKOS_RPS", "0".to_owned()),
+            // Newer servers also follow the Events API from `serve`; the stand-in has none.
+            ("ROLESYNC_SYNC_INTERVAL_SECS", "0".to_owned()),
+        ],
+    )
+}
+
+/// Both rounds, each followed by a look at the database.
+async fn two_rounds(args: &LoginArgs, logins: &Arc<Logins>) -> Result<([Round; 2], [DbState; 2])> {
+    let delay = Duration::from_millis(args.delay_ms);
+    let db = Db::connect(&args.common.database_url, 2).await?;
+    let first = round(logins, args.common.concurrency, delay).await;
+    let after_first = db_state(&db).await?;
+    let second = round(logins, args.common.concurrency, delay).await;
+    let after_second = db_state(&db).await?;
+    db.close().await;
+    Ok(([first, second], [after_first, after_second]))
+}
+
+fn checks(users: usize, rounds: &[Round; 2], states: &[DbState; 2], fake: &Fake) -> Ledger {
+    let mut l = Ledger::default();
+    check_round(&mut l, "round 1", &rounds[0], users, "applied");
+    check_first_state(&mut l, &states[0], users);
+    check_round(&mut l, "round 2", &rounds[1], users, "unchanged");
+    check_second_state(&mut l, &states[0], &states[1]);
+    check_fake(&mut l, fake, users);
+    l
+}
+
+/// `loadgen login`; `Ok(false)` when a check fails.
+pub async fn run(args: LoginArgs) -> Result<bool> {
+    if args.memberships == 0 || args.memberships > MAX_MEMBERSHIPS {
+        bail!("--memberships must be 1 to {MAX_MEMBERSHIPS}");
+    }
+    let (fake_url, fake) = fake_workos::start(Duration::from_millis(args.delay_ms)).await?;
+    let token = format!("bench_{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    let spec = login_spec(&args.common, fake_url, &token)?;
+    spec.migrate()?;
+    let server = Server::start(&spec).await?;
+    let mut users: Vec<usize> = (0..args.memberships).collect();
+    fastrand::shuffle(&mut users);
+    let url = format!("{}/v1/reconcile", server.url);
+    let logins = Arc::new(Logins {
+        client: send::client(),
+        url,
+        token,
+        users,
+    });
+    send::warm_up(&logins.client, &server.url, args.common.concurrency).await;
+    let (rounds, states) = two_rounds(&args, &logins).await?;
+    let stats = proc_stats(server.pid())?;
+    let ledger = checks(args.memberships, &rounds, &states, &fake);
+    let ending = server.stop().await?;
+    let held = Latency::of_micros(fake.held_us.lock().expect("not poisoned").clone());
+    let env = shown_env(&spec);
+    let report = LoginReport {
+        args: &args,
+        env,
+        rounds,
+        held,
+        stats,
+        ending,
+        ledger,
+    };
+    report.print();
+    Ok(report.ledger.ok())
+}
+
+async fn round(logins: &Arc<Logins>, concurrency: usize, delay: Duration) -> Round {
+    let target = logins.clone();
+    let run = send::closed_loop(logins.users.len(), concurrency, move |k| {
+        target.clone().send(k)
+    })
+    .await;
+    Round::of(&run, delay)
+}
+
+struct LoginReport<'a> {
+    args: &'a LoginArgs,
+    env: Vec<String>,
+    rounds: [Round; 2],
+    /// How long the stand-in actually held each call.
+    held: Latency,
+    stats: ProcStats,
+    ending: Ending,
+    ledger: Ledger,
+}
+
+const ROUND_NAMES: [&str; 2] = [
+    "round 1 (first logins: fetch + write)",
+    "round 2 (same logins: fetch, no write)",
+];
+
+impl LoginReport<'_> {
+    fn print(&self) {
+        match self.args.common.json {
+            true => println!(
+                "{}",
+                serde_json::to_string_pretty(&self.json()).expect("JSON")
+            ),
+            false => print!("{}", self.text()),
+        }
+    }
+
+    fn text(&self) -> String {
+        let c = &self.args.common;
+        let mut out = String::from("rolesync login bench");
+        if !c.label.is_empty() {
+            let _ = write!(out, " [{}]", c.label);
+        }
+        let database = rolesync::config::redact_url(&c.database_url);
+        let _ = writeln!(out, "\n  database  {database}");
+        let _ = writeln!(
+            out,
+            "  server    {} {}",
+            c.server_bin.display(),
+            self.env.join(" ")
+        );
+        let _ = writeln!(
+            out,
+            "  load      {} users x 2 rounds, concurrency {}, stand-in WorkOS delay {} ms, loadgen threads {}",
+            self.args.memberships, c.concurrency, self.args.delay_ms, c.client_threads
+        );
+        match self.ledger.ok() {
+            true => out += &self.figures_text(),
+            false => out += "RESULT    FAILED: a check failed; no figures are reported\n",
+        }
+        out += &ending_text(&self.ending);
+        out += &ledger_text(&self.ledger);
+        out
+    }
+
+    fn figures_text(&self) -> String {
+        let mut out = String::from("RESULT    OK\n");
+        for (name, r) in ROUND_NAMES.iter().zip(&self.rounds) {
+            let _ = writeln!(out, "  {name}: {:.1} logins/s", r.per_second());
+            let _ = writeln!(out, "    latency ms          {}", r.latency.text());
+            let _ = writeln!(out, "    added by rolesync   {}", r.added.text());
+        }
+        let (held, asked) = (self.held.text(), self.args.delay_ms);
+        let _ = writeln!(
+            out,
+            "  stand-in    held each call {held} (asked {asked} ms)"
+        );
+        let s = &self.stats;
+        let rss = mib(s.peak_rss_kib);
+        let _ = writeln!(
+            out,
+            "  server      peak RSS {rss:.1} MiB, CPU {:.1} s, {} threads",
+            s.cpu_secs, s.threads
+        );
+        out
+    }
+
+    fn json(&self) -> Value {
+        let c = &self.args.common;
+        let rounds: Vec<Value> = self.rounds.iter().map(round_json).collect();
+        let ok = self.ledger.ok();
+        let figures = json!({
+            "rounds": rounds,
+            "stand_in_held": self.held.json(),
+            "server_peak_rss_mib": mib(self.stats.peak_rss_kib),
+            "server_cpu_seconds": self.stats.cpu_secs,
+        });
+        json!({
+            "mode": "login", "ok": ok, "label": c.label,
+            "database": rolesync::config::redact_url(&c.database_url),
+            "server_bin": c.server_bin.display().to_string(), "server_env": self.env,
+            "users": self.args.memberships, "concurrency": c.concurrency,
+            "delay_ms": self.args.delay_ms, "client_threads": c.client_threads,
+            "figures": ok.then_some(figures),
+            "server": ending_json(&self.ending),
+            "ledger": self.ledger.json(),
+        })
+    }
+}
+
+fn round_json(r: &Round) -> Value {
+    json!({
+        "per_second": r.per_second(),
+        "seconds": r.elapsed.as_secs_f64(),
+        "latency": r.latency.json(),
+        "added_by_rolesync": r.added.json(),
+        "outcomes": r.outcomes,
+    })
+}

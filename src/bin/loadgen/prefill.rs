@@ -1,0 +1,126 @@
+//! Bulk prefill before the server starts: K memberships and J audit rows generated inside the database
+//! (a recursive CTE on SQLite, `generate_series` on PostgreSQL), in chunks of half a million rows.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use rolesync::db::{Backend, Db};
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, Executor};
+
+use crate::workload::{ts, PREFILL_VERSION_MS, USERS_PER_ORG};
+
+/// Rows per statement (each statement is one transaction).
+const CHUNK: usize = 500_000;
+
+const MEMBERSHIP_COLUMNS: &str =
+    "organization_id, user_id, membership_id, role_slug, workos_role_slug, status, version, updated_at";
+const AUDIT_COLUMNS: &str =
+    "recorded_at, organization_id, user_id, membership_id, source, event_id, \
+     workos_role_slug, old_role, new_role, old_status, new_status, outcome, detail, version";
+
+/// The SQL of one chunk: rows `$1..$2`; `$3` the version text; for audit rows `$4` the membership count.
+fn chunk_sql(backend: Backend, audit: bool) -> String {
+    let (seq, n, from) = match backend {
+        Backend::Sqlite => (
+            "WITH RECURSIVE seq(n) AS (SELECT $1 UNION ALL SELECT n + 1 FROM seq WHERE n + 1 < $2) ",
+            if audit { "(n % $4)" } else { "n" },
+            "FROM seq",
+        ),
+        Backend::Postgres => (
+            "",
+            if audit { "(n % $4::bigint)" } else { "n" },
+            "FROM generate_series($1::bigint, $2::bigint - 1) AS g(n)",
+        ),
+    };
+    let id = |prefix: &str, width: usize, of: &str| match backend {
+        Backend::Sqlite => format!("printf('{prefix}%0{width}d', {of})"),
+        Backend::Postgres => format!("'{prefix}' || lpad(({of})::text, {width}, '0')"),
+    };
+    let keys = format!(
+        "{}, {}, {}",
+        id("org_bench_", 6, &format!("{n} / {USERS_PER_ORG}")),
+        id("user_bench_", 7, n),
+        id("om_bench_", 7, n)
+    );
+    if audit {
+        format!(
+            "{seq}INSERT INTO role_audit ({AUDIT_COLUMNS}) SELECT $3, {keys}, 'resync', NULL, 'member', \
+             'member', 'member', 'active', 'active', 'applied', 'bench prefill', $3 {from}"
+        )
+    } else {
+        format!(
+            "{seq}INSERT INTO memberships ({MEMBERSHIP_COLUMNS}) SELECT {keys}, 'member', 'member', \
+             'active', $3, $3 {from}"
+        )
+    }
+}
+
+/// Inserts memberships `0..memberships` and `audit` audit rows spread over them; returns the time taken.
+pub async fn run(db: &Db, memberships: usize, audit: usize) -> Result<Duration> {
+    let started = Instant::now();
+    let mut conn = db.pool().acquire().await?;
+    if db.backend() == Backend::Sqlite {
+        // A throwaway load: durability of each chunk does not matter, speed does.
+        conn.execute("PRAGMA synchronous = OFF; PRAGMA cache_size = -262144;")
+            .await?;
+    } else {
+        conn.execute("SET synchronous_commit = off").await?;
+    }
+    let version = ts(PREFILL_VERSION_MS);
+    insert_chunks(
+        &mut conn,
+        db.backend(),
+        false,
+        memberships,
+        memberships,
+        &version,
+    )
+    .await
+    .context("prefill memberships")?;
+    insert_chunks(&mut conn, db.backend(), true, audit, memberships, &version)
+        .await
+        .context("prefill role_audit")?;
+    settle(&mut conn, db.backend()).await?;
+    Ok(started.elapsed())
+}
+
+async fn insert_chunks(
+    conn: &mut PoolConnection<Any>,
+    backend: Backend,
+    audit: bool,
+    rows: usize,
+    memberships: usize,
+    version: &str,
+) -> Result<()> {
+    let sql = chunk_sql(backend, audit);
+    for lo in (0..rows).step_by(CHUNK) {
+        let hi = (lo + CHUNK).min(rows);
+        let mut query = sqlx::query(&sql)
+            .bind(lo as i64)
+            .bind(hi as i64)
+            .bind(version);
+        if audit {
+            query = query.bind(memberships as i64);
+        }
+        query.execute(&mut **conn).await?;
+        eprintln!(
+            "loadgen: prefilled {hi}/{rows} {}",
+            if audit { "audit rows" } else { "memberships" }
+        );
+    }
+    Ok(())
+}
+
+/// Leaves the database as a long-running one would be: WAL checkpointed (SQLite), vacuumed and
+/// analysed (PostgreSQL, whose autovacuum would otherwise do it during the run).
+async fn settle(conn: &mut PoolConnection<Any>, backend: Backend) -> Result<()> {
+    let statements: &[&str] = match backend {
+        Backend::Sqlite => &["PRAGMA wal_checkpoint(TRUNCATE)"],
+        Backend::Postgres => &["VACUUM ANALYZE memberships", "VACUUM ANALYZE role_audit"],
+    };
+    for sql in statements {
+        conn.execute(*sql).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! `rolesync resync`: reconcile every membership of an organization against the WorkOS API, and
+//! remove the stored ones WorkOS no longer has.
+
+use std::collections::{HashMap, HashSet};
+
+use tokio::time::Instant;
+
+use crate::db::{self, Db, Key};
+use crate::reconcile::{
+    decide, reconcile_batch, Membership, Observation, Outcome, Source, DELETED,
+};
+use crate::timestamp::Timestamp;
+use crate::workos::{ApiList, ApiMembership, WorkosClient, ALL_STATUSES};
+
+const CHUNK: usize = 200;
+const LIST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// One membership's comparison: what is stored, what WorkOS says, and what the reconcile does.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub stored: Option<Membership>,
+    pub observed: Observation,
+    pub outcome: Outcome,
+}
+
+/// Every membership of `organization_id` in WorkOS, all statuses, all pages.
+pub async fn list_organization(
+    workos: &WorkosClient,
+    organization_id: &str,
+) -> anyhow::Result<Vec<ApiMembership>> {
+    let mut all = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut query = vec![
+            ("organization_id", organization_id.to_owned()),
+            ("statuses", ALL_STATUSES.to_owned()),
+            ("limit", "100".to_owned()),
+        ];
+        query.extend(after.take().map(|a| ("after", a)));
+        let page: ApiList<ApiMembership> = workos
+            .get_json(
+                "/user_management/organization_memberships",
+                &query,
+                Instant::now() + LIST_DEADLINE,
+            )
+            .await?;
+        all.extend(page.data);
+        match page.list_metadata.and_then(|m| m.after) {
+            Some(cursor) => after = Some(cursor),
+            None => return Ok(all),
+        }
+    }
+}
+
+/// The observations a resync makes: each WorkOS membership, and a deletion (versioned `now`) for
+/// each stored, not yet deleted membership that WorkOS no longer lists.
+pub fn observations(
+    found: &[ApiMembership],
+    stored: &[Membership],
+    now: Timestamp,
+) -> anyhow::Result<Vec<Observation>> {
+    let mut out: Vec<Observation> = found
+        .iter()
+        .map(|m| m.observation(Source::Resync))
+        .collect::<Result<_, _>>()?;
+    let present: HashSet<(&str, &str)> = found
+        .iter()
+        .map(|m| (m.organization_id.as_str(), m.user_id.as_str()))
+        .collect();
+    for gone in stored
+        .iter()
+        .filter(|s| s.status != DELETED && !present.contains(&(&s.organization_id, &s.user_id)))
+    {
+        out.push(Observation {
+            organization_id: gone.organization_id.clone(),
+            user_id: gone.user_id.clone(),
+            membership_id: gone.membership_id.clone(),
+            role_slug: None,
+            status: DELETED.to_owned(),
+            deleted: true,
+            version: now,
+            source: Source::Resync,
+            event_id: None,
+        });
+    }
+    Ok(out)
+}
+
+/// Resyncs one organization. With `dry_run` the rules run against the stored rows and nothing is written.
+pub async fn resync(
+    db: &Db,
+    workos: &WorkosClient,
+    organization_id: &str,
+    dry_run: bool,
+    now: Timestamp,
+) -> anyhow::Result<Vec<Change>> {
+    let found = list_organization(workos, organization_id).await?;
+    let stored = db::memberships::list(db.pool(), Some(organization_id)).await?;
+    let observed = observations(&found, &stored, now)?;
+    let by_key: HashMap<Key, Membership> = stored
+        .into_iter()
+        .map(|m| ((m.organization_id.clone(), m.user_id.clone()), m))
+        .collect();
+    let outcomes = match dry_run {
+        true => preview(db, &observed, &by_key, now).await?,
+        false => apply(db, &observed, now).await?,
+    };
+    Ok(observed
+        .into_iter()
+        .zip(outcomes)
+        .map(|(o, outcome)| Change {
+            stored: by_key
+                .get(&(o.organization_id.clone(), o.user_id.clone()))
+                .cloned(),
+            observed: o,
+            outcome,
+        })
+        .collect())
+}
+
+async fn preview(
+    db: &Db,
+    observed: &[Observation],
+    stored: &HashMap<Key, Membership>,
+    now: Timestamp,
+) -> anyhow::Result<Vec<Outcome>> {
+    let known: HashSet<String> = db::roles::list(db.pool()).await?.into_iter().collect();
+    Ok(observed
+        .iter()
+        .map(|o| {
+            let row = stored.get(&(o.organization_id.clone(), o.user_id.clone()));
+            let role_known = o.role_slug.as_ref().is_some_and(|s| known.contains(s));
+            decide(row, o, role_known, None, now).outcome
+        })
+        .collect())
+}
+
+async fn apply(db: &Db, observed: &[Observation], now: Timestamp) -> anyhow::Result<Vec<Outcome>> {
+    let mut outcomes = Vec::with_capacity(observed.len());
+    for chunk in observed.chunks(CHUNK) {
+        let mut tx = db.begin_write().await?;
+        let refs: Vec<&Observation> = chunk.iter().collect();
+        outcomes.extend(reconcile_batch(&mut tx, db, &refs, now).await?);
+        tx.commit().await?;
+    }
+    Ok(outcomes)
+}

@@ -1,0 +1,179 @@
+//! Catch-up from the WorkOS Events API: pages of membership events applied through the same inbox
+//! and reconcile as webhooks (source `events`), with the cursor advanced in the same transaction.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+use tokio::time::Instant;
+
+use crate::db::{self, Db, DbError};
+use crate::metrics::{Metrics, PathOutcomeLabels};
+use crate::reconcile::Source;
+use crate::timestamp::{SharedClock, Timestamp};
+use crate::webhook::{deliver_batch_in, Incoming};
+use crate::workos::{ApiList, WorkosClient, WorkosError};
+
+/// The event types the catch-up follows.
+pub const EVENTS: &str =
+    "organization_membership.created,organization_membership.updated,organization_membership.deleted";
+/// The `sync_state` row of this stream.
+pub const STREAM: &str = "events";
+const PAGE_SIZE: usize = 100;
+const PAGE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Why a pass stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Workos(#[from] WorkosError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Another process held the lease; nothing was done.
+    pub skipped: bool,
+    pub pages: usize,
+    pub events: usize,
+    pub outcomes: BTreeMap<String, usize>,
+}
+
+/// What a pass needs.
+#[derive(Clone)]
+pub struct Syncer {
+    pub db: Db,
+    pub workos: WorkosClient,
+    pub clock: SharedClock,
+    pub metrics: Arc<Metrics>,
+    pub lookback: Duration,
+}
+
+impl Syncer {
+    /// One pass: pages from the stored cursor (or `now - lookback`) until WorkOS has no more.
+    pub async fn run_once(&self) -> Result<SyncReport, SyncError> {
+        let Some(lease) = self.db.try_sync_lease().await? else {
+            tracing::debug!("another process is syncing; skipping this pass");
+            return Ok(SyncReport {
+                skipped: true,
+                ..SyncReport::default()
+            });
+        };
+        let result = self.pages().await;
+        lease.release().await;
+        result
+    }
+
+    async fn pages(&self) -> Result<SyncReport, SyncError> {
+        let mut report = SyncReport::default();
+        loop {
+            let cursor = db::sync_state::cursor(self.db.pool(), STREAM).await?;
+            let page = self.fetch(cursor.as_deref()).await?;
+            let fetched = page.data.len();
+            if fetched > 0 {
+                self.apply(cursor.as_deref(), &page.data, &mut report)
+                    .await?;
+            }
+            let more = page.list_metadata.and_then(|m| m.after).is_some();
+            if fetched < PAGE_SIZE && !more || fetched == 0 {
+                return Ok(report);
+            }
+        }
+    }
+
+    async fn fetch(&self, cursor: Option<&str>) -> Result<ApiList<Box<RawValue>>, WorkosError> {
+        let mut query = vec![
+            ("events", EVENTS.to_owned()),
+            ("limit", PAGE_SIZE.to_string()),
+            ("order", "asc".to_owned()),
+        ];
+        match cursor {
+            Some(after) => query.push(("after", after.to_owned())),
+            None => {
+                let start = self.clock.now().millis() - self.lookback.as_millis() as i64;
+                let start = Timestamp::from_millis(start).unwrap_or(self.clock.now());
+                query.push(("range_start", start.to_string()));
+            }
+        }
+        self.workos
+            .get_json("/events", &query, Instant::now() + PAGE_DEADLINE)
+            .await
+    }
+
+    /// Applies one page and moves the cursor to its last event, in one transaction. A page another
+    /// process already applied (the cursor moved meanwhile) is rolled back and fetched again.
+    async fn apply(
+        &self,
+        cursor: Option<&str>,
+        events: &[Box<RawValue>],
+        report: &mut SyncReport,
+    ) -> Result<(), SyncError> {
+        let batch: Vec<Incoming> = events
+            .iter()
+            .filter_map(|raw| match Incoming::parse(raw.get().as_bytes(), Source::Events) {
+                Ok(incoming) => Some(incoming),
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping an event the Events API returned without id or type");
+                    None
+                }
+            })
+            .collect();
+        let Some(last) = batch.last().map(|i| i.event_id.clone()) else {
+            return Ok(());
+        };
+        let now = self.clock.now();
+        let mut tx = self.db.begin_write().await.map_err(SyncError::Db)?;
+        let receipts = deliver_batch_in(&mut tx, &self.db, &batch, now).await?;
+        if !db::sync_state::advance(&mut *tx, STREAM, cursor, &last, now).await? {
+            tx.rollback().await.map_err(DbError::from)?;
+            return Ok(());
+        }
+        tx.commit().await.map_err(DbError::from)?;
+        report.pages += 1;
+        report.events += receipts.len();
+        for receipt in receipts {
+            let labels = PathOutcomeLabels {
+                path: "events".into(),
+                outcome: receipt.outcome.clone(),
+            };
+            self.metrics.healed.get_or_create(&labels).inc();
+            *report.outcomes.entry(receipt.outcome).or_default() += 1;
+        }
+        self.record_lag(events.last().map(|e| &**e), now);
+        Ok(())
+    }
+
+    fn record_lag(&self, last: Option<&RawValue>, now: Timestamp) {
+        #[derive(serde::Deserialize)]
+        struct Created {
+            created_at: Option<String>,
+        }
+        let created = last
+            .and_then(|raw| serde_json::from_str::<Created>(raw.get()).ok())
+            .and_then(|c| c.created_at);
+        if let Some(at) = created.and_then(|c| Timestamp::parse(&c).ok()) {
+            self.metrics
+                .sync_cursor_lag_seconds
+                .set((now.millis() - at.millis()) / 1000);
+        }
+    }
+
+    /// Runs a pass every `interval` until the task is dropped; errors are logged, never fatal.
+    pub async fn run_forever(self, interval: Duration) {
+        loop {
+            match self.run_once().await {
+                Ok(r) if !r.skipped => {
+                    tracing::info!(pages = r.pages, events = r.events, outcomes = ?r.outcomes, "events catch-up pass")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "events catch-up pass failed; retrying next interval")
+                }
+            }
+            tokio::time::sleep(interval).await;
+        }
+    }
+}

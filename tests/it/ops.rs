@@ -1,0 +1,137 @@
+//! Operations: health, readiness, metrics after real traffic, request ids and the inbound limiter.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use serde_json::json;
+
+use crate::fake_workos::{api_membership, page, FakeWorkos};
+use crate::support::{membership_event, TestApp, SECRET};
+
+fn get(path: &str) -> Request<Body> {
+    Request::get(path).body(Body::empty()).unwrap()
+}
+
+/// The value of one sample line of the exposition, 0 when absent.
+fn sample(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+async fn exposition(app: &TestApp) -> String {
+    let response = rolesync::app::build_router(app.state.clone())
+        .oneshot_text(get("/metrics"))
+        .await;
+    response
+}
+
+trait OneshotText {
+    async fn oneshot_text(self, request: Request<Body>) -> String;
+}
+
+impl OneshotText for axum::Router {
+    async fn oneshot_text(self, request: Request<Body>) -> String {
+        use tower::ServiceExt;
+        let response = self.oneshot(request).await.unwrap();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+}
+
+both! {
+    async fn health_and_readiness_report_the_database(t) {
+        let app = TestApp::new(&t.db);
+        assert_eq!(app.request(get("/healthz")).await.0, StatusCode::OK);
+        assert_eq!(app.request(get("/readyz")).await, (StatusCode::OK, json!({"status": "ready"})));
+        t.db.close().await;
+        let (status, body) = app.request(get("/readyz")).await;
+        assert_eq!((status, body["status"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("not_ready")));
+        assert!(body["reason"].as_str().is_some_and(|r| !r.is_empty()));
+        assert_eq!(app.request(get("/healthz")).await.0, StatusCode::OK, "the process is still up");
+    }
+
+    async fn metrics_count_real_traffic(t) {
+        let fake = FakeWorkos::start().await;
+        fake.always(page(vec![api_membership("user_9", "admin", "active", "2026-11-20T10:00:00.000Z")], None));
+        let url = fake.url.clone();
+        let app = TestApp::with_config(&t.db, move |c| {
+            c.webhook_secret = Some(format!("whsec_new,{SECRET}").parse().unwrap());
+            c.api_base_url = url.parse().unwrap();
+            c.api_key = Some("sk_test".parse().unwrap());
+            c.login_token = Some("tok".parse().unwrap());
+            c.login_refresh_secs = 0;
+        });
+        let body = membership_event("e1", "created", "user_1", "member", "active", 1);
+        app.deliver(&body).await;
+        app.deliver(&body).await;
+        app.deliver(&membership_event("e2", "updated", "user_1", "member", "active", 0)).await;
+        app.post_webhook(&body, Some("t=1, v1=00")).await;
+        app.post_webhook(&body, Some(&format!("t={}, v1={}", 1_795_000_000_000_i64, "0".repeat(64)))).await;
+        let login = Request::post("/v1/reconcile").header("authorization", "Bearer tok")
+            .body(Body::from(json!({"user_id": "user_9", "organization_id": "org_1"}).to_string())).unwrap();
+        assert_eq!(app.request(login).await.0, StatusCode::OK);
+        let text = exposition(&app).await;
+        let expected = [
+            ("rolesync_webhook_deliveries_total{outcome=\"applied\"}", 1.0),
+            ("rolesync_webhook_deliveries_total{outcome=\"duplicate\"}", 1.0),
+            ("rolesync_webhook_deliveries_total{outcome=\"stale\"}", 1.0),
+            ("rolesync_webhook_deliveries_total{outcome=\"malformed_signature\"}", 1.0),
+            ("rolesync_webhook_deliveries_total{outcome=\"timestamp_out_of_tolerance\"}", 1.0),
+            ("rolesync_signature_failures_total{reason=\"malformed_signature\"}", 1.0),
+            ("rolesync_signature_failures_total{reason=\"timestamp_out_of_tolerance\"}", 1.0),
+            ("rolesync_signature_secret_total{position=\"1\"}", 3.0),
+            ("rolesync_login_answers_total{outcome=\"applied\",source=\"workos\"}", 1.0),
+            ("rolesync_workos_requests_total{status_class=\"2xx\"}", 1.0),
+            ("rolesync_http_request_duration_seconds_count{route=\"/webhooks/workos\",method=\"POST\",status=\"200\"}", 3.0),
+            ("rolesync_http_request_duration_seconds_count{route=\"/v1/reconcile\",method=\"POST\",status=\"200\"}", 1.0),
+        ];
+        for (series, value) in expected {
+            assert_eq!(sample(&text, series), value, "{series} in\n{text}");
+        }
+        assert!(sample(&text, "rolesync_reconcile_duration_seconds_count") >= 1.0, "{text}");
+    }
+
+    async fn request_ids_are_echoed_or_made(t) {
+        let app = TestApp::new(&t.db);
+        let router = rolesync::app::build_router(app.state.clone());
+        use tower::ServiceExt;
+        let with_id = Request::post("/webhooks/workos").header("x-request-id", "abc-123").body(Body::empty()).unwrap();
+        let response = router.clone().oneshot(with_id).await.unwrap();
+        assert_eq!(response.headers()["x-request-id"], "abc-123");
+        let response = router.oneshot(Request::post("/webhooks/workos").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(response.headers()["x-request-id"].len(), 16, "a fresh id");
+    }
+
+    async fn the_inbound_limiter_answers_429_with_retry_after(t) {
+        let app = TestApp::with_config(&t.db, |c| {
+            c.rate_limit_per_ip = 1;
+            c.rate_limit_burst = 2;
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let state = app.state.clone();
+        tokio::spawn(rolesync::server::serve(listener, state, std::future::pending(), std::time::Duration::from_secs(1)));
+        let client = reqwest::Client::new();
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            let r = client.post(format!("{base}/webhooks/workos")).body("{}").send().await.unwrap();
+            statuses.push((r.status().as_u16(), r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned())));
+        }
+        assert_eq!(statuses[0].0, 400, "within the burst: signature checked");
+        assert_eq!(statuses[1].0, 400);
+        assert_eq!(statuses[2], (429, Some("1".to_owned())), "over the rate: refused before signature work");
+        assert_eq!(client.get(format!("{base}/healthz")).send().await.unwrap().status(), 200, "health checks are never limited");
+        let text = exposition(&app).await;
+        assert_eq!(sample(&text, "rolesync_limiter_rejections_total{limiter=\"inbound\"}"), 1.0);
+        assert_eq!(sample(&text, "rolesync_signature_failures_total{reason=\"missing_signature\"}"), 2.0);
+        let _ = Arc::strong_count(&app.state);
+    }
+}

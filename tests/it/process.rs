@@ -1,0 +1,331 @@
+//! The real binary as operators run it: start-up errors, help, logs that keep secrets, and SIGTERM.
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rolesync::webhook::signature;
+use serde_json::Value;
+
+use crate::fake_workos::{api_membership, page, FakeWorkos};
+use crate::support::{membership_event, SECRET};
+
+const BIN: &str = env!("CARGO_BIN_EXE_rolesync");
+const API_KEY: &str = "sk_test_process_api_key_4d2f";
+const LOGIN_TOKEN: &str = "login_token_process_9c1e";
+const BODY_MARKER: &str = "body-marker-that-must-never-be-logged";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `rolesync serve` with its stderr captured.
+struct Server {
+    child: Child,
+    base: String,
+    logs: std::thread::JoinHandle<String>,
+}
+
+impl Server {
+    async fn start(db_url: &str, envs: &[(&str, String)]) -> Self {
+        let port = free_port();
+        let mut command = Command::new(BIN);
+        command
+            .arg("serve")
+            .env_clear()
+            .env("DATABASE_URL", db_url)
+            .env("ROLESYNC_LISTEN", format!("127.0.0.1:{port}"))
+            .env("WORKOS_WEBHOOK_SECRET", SECRET)
+            .env("ROLESYNC_LOG_FORMAT", "json")
+            .env("RUST_LOG", "debug,sqlx=warn,hyper=warn,reqwest=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        // Drained from the start, so that a full pipe never blocks the server.
+        let logs = std::thread::spawn(move || {
+            let mut text = String::new();
+            stderr.read_to_string(&mut text).unwrap();
+            text
+        });
+        let server = Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            logs,
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(r) = reqwest::get(format!("{}/healthz", self.base)).await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("rolesync did not start");
+    }
+
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for exit; returns (exit success, stderr).
+    fn finish(mut self) -> (bool, String) {
+        let status = self.child.wait().unwrap();
+        (status.success(), self.logs.join().unwrap())
+    }
+}
+
+async fn post_webhook(client: &reqwest::Client, base: &str, body: Vec<u8>) -> Option<u16> {
+    let header = signature::sign(
+        &body,
+        SECRET.as_bytes(),
+        rolesync::timestamp::Timestamp::now().millis(),
+    );
+    let response = client
+        .post(format!("{base}/webhooks/workos"))
+        .header("WorkOS-Signature", header)
+        .body(body)
+        .send()
+        .await
+        .ok()?;
+    Some(response.status().as_u16())
+}
+
+fn body_with_marker(id: &str, user: &str) -> Vec<u8> {
+    let mut event: Value =
+        serde_json::from_slice(&membership_event(id, "updated", user, "admin", "active", 1))
+            .unwrap();
+    event["data"]["custom_attributes"]["note"] = BODY_MARKER.into();
+    serde_json::to_vec(&event).unwrap()
+}
+
+both! {
+    async fn a_full_session_logs_json_and_never_a_secret_or_a_body(t) {
+        let fake = FakeWorkos::start().await;
+        fake.always(page(vec![api_membership("user_1", "admin", "active", "2026-11-20T10:00:00.000Z")], None));
+        let server = Server::start(&t.url, &[
+            ("WORKOS_API_KEY", API_KEY.into()),
+            ("WORKOS_API_BASE_URL", fake.url.clone()),
+            ("ROLESYNC_LOGIN_TOKEN", LOGIN_TOKEN.into()),
+        ]).await;
+        let client = reqwest::Client::new();
+        assert_eq!(post_webhook(&client, &server.base, body_with_marker("e1", "user_1")).await, Some(200));
+        assert_eq!(post_webhook(&client, &server.base, body_with_marker("e1", "user_1")).await, Some(200));
+        let bad = client.post(format!("{}/webhooks/workos", server.base)).header("WorkOS-Signature", "t=1, v1=00").body(body_with_marker("e2", "u")).send().await.unwrap();
+        assert_eq!(bad.status(), 400);
+        let login = |token: &'static str| client.post(format!("{}/v1/reconcile", server.base))
+            .bearer_auth(token).json(&serde_json::json!({"user_id": "user_1", "organization_id": "org_1"})).send();
+        assert_eq!(login(LOGIN_TOKEN).await.unwrap().status(), 200);
+        assert_eq!(login("wrong-token").await.unwrap().status(), 401);
+        let echoed = client.get(format!("{}/v1/memberships/org_1/user_1", server.base)).bearer_auth(LOGIN_TOKEN)
+            .header("x-request-id", "req-from-test").send().await.unwrap();
+        assert_eq!(echoed.headers()["x-request-id"], "req-from-test");
+        server.terminate();
+        let (ok, logs) = server.finish();
+        assert!(ok, "exit 0 after SIGTERM; logs:\n{logs}");
+        for secret in [SECRET, API_KEY, LOGIN_TOKEN, "wrong-token", BODY_MARKER] {
+            assert!(!logs.contains(secret), "{secret} appears in the logs");
+        }
+        let lines: Vec<Value> = logs.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}"))).collect();
+        let delivered = lines.iter().find(|l| l["fields"]["message"] == "webhook delivered").expect("a delivery is logged");
+        assert_eq!(delivered["span"]["route"], "/webhooks/workos");
+        assert!(delivered["span"]["request_id"].as_str().is_some_and(|id| !id.is_empty()));
+        assert!(lines.iter().any(|l| l["span"]["request_id"] == "req-from-test"), "the caller's request id is logged");
+        assert!(lines.iter().any(|l| l["fields"]["message"] == "login reconciled"));
+    }
+
+    async fn sigterm_during_a_stream_loses_no_acknowledged_delivery(t) {
+        let server = Server::start(&t.url, &[]).await;
+        let base = server.base.clone();
+        let client = reqwest::Client::new();
+        let acknowledged = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let senders: Vec<_> = (0..8).map(|worker| {
+            let (client, base, acknowledged) = (client.clone(), base.clone(), acknowledged.clone());
+            tokio::spawn(async move {
+                for n in 0..400 {
+                    let id = format!("e{worker}_{n}");
+                    let body = membership_event(&id, "updated", &format!("user_{worker}"), "member", "active", n);
+                    match post_webhook(&client, &base, body).await {
+                        Some(200) => acknowledged.lock().unwrap().push(id),
+                        Some(_) => {}
+                        None => break,
+                    }
+                }
+            })
+        }).collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server.terminate();
+        for s in senders {
+            s.await.unwrap();
+        }
+        let (ok, logs) = server.finish();
+        assert!(ok, "exit 0 after SIGTERM:\n{logs}");
+        let acknowledged = acknowledged.lock().unwrap().clone();
+        assert!(!acknowledged.is_empty(), "some deliveries were answered before the signal");
+        let db = rolesync::db::Db::connect(&t.url, 2).await.unwrap();
+        let stored: Vec<String> = sqlx::query_scalar("SELECT event_id FROM webhook_events").fetch_all(db.pool()).await.unwrap();
+        let stored: std::collections::HashSet<String> = stored.into_iter().collect();
+        let lost: Vec<&String> = acknowledged.iter().filter(|id| !stored.contains(*id)).collect();
+        assert!(lost.is_empty(), "{} acknowledged deliveries are not stored: {lost:?}", lost.len());
+        db.close().await;
+    }
+}
+
+/// Runs the binary to completion with only these variables; returns (exit code, stdout, stderr).
+fn run(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let output = Command::new(BIN)
+        .args(args)
+        .env_clear()
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        text(output.stdout),
+        text(output.stderr),
+    )
+}
+
+/// What, environment, and the setting the error must name.
+type SettingCase<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
+
+#[test]
+fn bad_settings_stop_with_one_line_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = format!("sqlite://{}/x.db", dir.path().display());
+    let cases: Vec<SettingCase> = vec![
+        (
+            "serve without a webhook secret",
+            vec![("DATABASE_URL", &sqlite)],
+            "WORKOS_WEBHOOK_SECRET",
+        ),
+        (
+            "unknown scheme",
+            vec![
+                ("DATABASE_URL", "mysql://h/db"),
+                ("WORKOS_WEBHOOK_SECRET", "s"),
+            ],
+            "DATABASE_URL",
+        ),
+        (
+            "not a URL",
+            vec![
+                ("DATABASE_URL", "rolesync.db"),
+                ("WORKOS_WEBHOOK_SECRET", "s"),
+            ],
+            "DATABASE_URL",
+        ),
+        (
+            "unreachable database",
+            vec![
+                ("DATABASE_URL", "postgres://postgres@127.0.0.1:1/x"),
+                ("WORKOS_WEBHOOK_SECRET", "s"),
+            ],
+            "DATABASE_URL",
+        ),
+        (
+            "bad listen address",
+            vec![
+                ("DATABASE_URL", &sqlite),
+                ("WORKOS_WEBHOOK_SECRET", "s"),
+                ("ROLESYNC_LISTEN", "nowhere"),
+            ],
+            "ROLESYNC_LISTEN",
+        ),
+        (
+            "bad number",
+            vec![
+                ("DATABASE_URL", &sqlite),
+                ("WORKOS_WEBHOOK_SECRET", "s"),
+                ("ROLESYNC_LOGIN_BUDGET_MS", "fast"),
+            ],
+            "ROLESYNC_LOGIN_BUDGET_MS",
+        ),
+        (
+            "bad API base URL",
+            vec![
+                ("DATABASE_URL", &sqlite),
+                ("WORKOS_WEBHOOK_SECRET", "s"),
+                ("WORKOS_API_BASE_URL", "ftp://x"),
+            ],
+            "WORKOS_API_BASE_URL",
+        ),
+    ];
+    for (what, envs, setting) in cases {
+        let (code, _, stderr) = run(&["serve"], &envs);
+        assert_ne!(code, 0, "{what}: must fail");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "{what}: one line, got {stderr:?}"
+        );
+        assert!(
+            stderr.contains(setting),
+            "{what}: {stderr:?} names {setting}"
+        );
+    }
+}
+
+#[test]
+fn help_describes_every_setting_and_its_variable() {
+    let (code, help, _) = run(&["serve", "--help"], &[]);
+    assert_eq!(code, 0);
+    let example = std::fs::read_to_string(".env.example").unwrap();
+    let variables: Vec<&str> = example
+        .lines()
+        .filter_map(|l| l.trim_start_matches("# ").split_once('='))
+        .map(|(k, _)| k.trim())
+        .collect();
+    assert!(variables.len() >= 15, "{variables:?}");
+    for variable in variables.iter().filter(|v| **v != "RUST_LOG") {
+        assert!(
+            help.contains(&format!("env: {variable}")),
+            "--help names {variable}"
+        );
+    }
+    for sub in ["migrate", "roles", "audit", "replay", "reconcile"] {
+        let (code, text, _) = run(&[sub, "--help"], &[]);
+        assert!(code == 0 && text.contains("DATABASE_URL"), "{sub} --help");
+    }
+}
+
+#[test]
+fn migrate_twice_and_manage_roles_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/cli.db", dir.path().display());
+    let envs = [("DATABASE_URL", url.as_str())];
+    assert_eq!(run(&["migrate"], &envs).0, 0);
+    assert_eq!(run(&["migrate"], &envs).0, 0, "a second migrate is a no-op");
+    let (code, out, _) = run(&["roles", "add", "creator", "admin"], &envs);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "creator: added\nadmin: already known\n")
+    );
+    assert_eq!(run(&["roles", "list"], &envs).1, "admin\ncreator\nmember\n");
+    assert_eq!(
+        run(&["roles", "remove", "creator"], &envs).1,
+        "creator: removed\n"
+    );
+    let (code, table, _) = run(&["audit", "--limit", "5"], &envs);
+    assert_eq!(code, 0);
+    assert!(table.starts_with("ID  RECORDED"), "{table}");
+}
