@@ -20,23 +20,6 @@ static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
 /// A membership's identity: (organization_id, user_id).
 pub type Key = (String, String);
 
-/// `($1, $2), ($3, $4), ...`: `rows` tuples of `columns` numbered placeholders.
-pub fn values_list(rows: usize, columns: usize) -> String {
-    let mut out = String::with_capacity(rows * columns * 5);
-    for row in 0..rows {
-        out.push_str(if row == 0 { "(" } else { ", (" });
-        for column in 0..columns {
-            if column > 0 {
-                out.push_str(", ");
-            }
-            out.push('$');
-            out.push_str(&(row * columns + column + 1).to_string());
-        }
-        out.push(')');
-    }
-    out
-}
-
 /// A storage failure; the request path answers it with 503 so that WorkOS retries.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -46,11 +29,16 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored value is corrupt: {0}")]
     Corrupt(String),
+    #[error("a concurrent transaction stored the same event; retrying")]
+    Conflict,
 }
 
 impl DbError {
     /// A deadlock or serialization failure that a retry of the whole transaction may clear.
     pub fn is_transient(&self) -> bool {
+        if matches!(self, Self::Conflict) {
+            return true;
+        }
         let Self::Sqlx(sqlx::Error::Database(e)) = self else {
             return false;
         };
@@ -69,6 +57,29 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// `rows` tuples of `columns` placeholders: `($1, $2), ($3, $4), ...` on PostgreSQL; `(?, ?), ...`
+    /// on SQLite, whose driver looks every numbered name up by a linear scan when binding.
+    pub fn values_list(self, rows: usize, columns: usize) -> String {
+        let mut out = String::with_capacity(rows * columns * 5);
+        for row in 0..rows {
+            out.push_str(if row == 0 { "(" } else { ", (" });
+            for column in 0..columns {
+                if column > 0 {
+                    out.push_str(", ");
+                }
+                match self {
+                    Self::Sqlite => out.push('?'),
+                    Self::Postgres => {
+                        out.push('$');
+                        out.push_str(&(row * columns + column + 1).to_string());
+                    }
+                }
+            }
+            out.push(')');
+        }
+        out
+    }
+
     /// The backend of a `sqlite:` or `postgres:`/`postgresql:` URL.
     pub fn of_url(url: &str) -> Option<Self> {
         let scheme = url.split_once(':')?.0;
@@ -89,7 +100,7 @@ pub struct Db {
 
 /// Pragmas that make an acknowledged SQLite write survive a crash and let readers run beside a writer.
 const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-     PRAGMA busy_timeout = 30000; PRAGMA foreign_keys = ON;";
+     PRAGMA busy_timeout = 30000; PRAGMA foreign_keys = ON; PRAGMA cache_size = -8000;";
 
 impl Db {
     /// Connects to `url` (`sqlite://...`, created if missing, or `postgres://...`).
@@ -173,7 +184,7 @@ impl Db {
         sorted.dedup();
         let sql = format!(
             "SELECT COUNT(pg_advisory_xact_lock(hashtextextended(k, 0))::text) FROM (VALUES {}) AS t(k)",
-            values_list(sorted.len(), 1)
+            self.backend.values_list(sorted.len(), 1)
         );
         let mut query = sqlx::query_scalar::<_, i64>(&sql);
         for key in &sorted {

@@ -318,7 +318,7 @@ pub async fn reconcile_batch(
     keys.dedup();
     let key_refs: Vec<&Key> = keys.iter().collect();
     db.lock_memberships(&mut *conn, &key_refs).await?;
-    let mut rows = db::memberships::get_many(&mut *conn, &key_refs).await?;
+    let mut rows = db::memberships::get_many(&mut *conn, db.backend(), &key_refs).await?;
     let known: HashSet<String> = db::roles::list(&mut *conn).await?.into_iter().collect();
     let mut written: BTreeMap<Key, Membership> = BTreeMap::new();
     let mut audits: Vec<AuditEntry> = Vec::new();
@@ -339,8 +339,13 @@ pub async fn reconcile_batch(
         audits.extend(decision.audit);
         outcomes.push(decision.outcome);
     }
-    db::memberships::upsert_many(&mut *conn, &written.values().collect::<Vec<_>>()).await?;
-    db::audit::insert_many(&mut *conn, &audits).await?;
+    db::memberships::upsert_many(
+        &mut *conn,
+        db.backend(),
+        &written.values().collect::<Vec<_>>(),
+    )
+    .await?;
+    db::audit::insert_many(&mut *conn, db.backend(), &audits).await?;
     Ok(outcomes)
 }
 

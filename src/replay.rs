@@ -212,7 +212,7 @@ async fn reapply(db: &Db, page: &[StoredEvent], now: Timestamp) -> Result<Vec<Re
         .zip(&outcomes)
         .map(|((e, _), o)| (e.event_id.as_str(), o.as_str()))
         .collect();
-    db::inbox::set_outcomes(&mut *tx, &settled).await?;
+    db::inbox::set_outcomes(&mut *tx, db.backend(), &settled).await?;
     tx.commit().await?;
     Ok(parsed
         .iter()

@@ -73,13 +73,20 @@ impl Syncer {
             let cursor = db::sync_state::cursor(self.db.pool(), STREAM).await?;
             let page = self.fetch(cursor.as_deref()).await?;
             let fetched = page.data.len();
-            if fetched > 0 {
-                self.apply(cursor.as_deref(), &page.data, &mut report)
+            let usable = fetched == 0
+                || self
+                    .apply(cursor.as_deref(), &page.data, &mut report)
                     .await?;
-            }
             let more = page.list_metadata.and_then(|m| m.after).is_some();
             if fetched < PAGE_SIZE && !more || fetched == 0 {
                 return Ok(report);
+            }
+            if !usable {
+                // The cursor could not move: asking again would return this page forever.
+                return Err(WorkosError::Malformed(format!(
+                    "{fetched} events after cursor {cursor:?}, none with an id and a type"
+                ))
+                .into());
             }
         }
     }
@@ -105,12 +112,13 @@ impl Syncer {
 
     /// Applies one page and moves the cursor to its last event, in one transaction. A page another
     /// process already applied (the cursor moved meanwhile) is rolled back and fetched again.
+    /// `false` when the page held no event with an id and a type (the cursor cannot move).
     async fn apply(
         &self,
         cursor: Option<&str>,
         events: &[Box<RawValue>],
         report: &mut SyncReport,
-    ) -> Result<(), SyncError> {
+    ) -> Result<bool, SyncError> {
         let batch: Vec<Incoming> = events
             .iter()
             .filter_map(|raw| match Incoming::parse(raw.get().as_bytes(), Source::Events) {
@@ -122,14 +130,14 @@ impl Syncer {
             })
             .collect();
         let Some(last) = batch.last().map(|i| i.event_id.clone()) else {
-            return Ok(());
+            return Ok(false);
         };
         let now = self.clock.now();
         let mut tx = self.db.begin_write().await.map_err(SyncError::Db)?;
         let receipts = deliver_batch_in(&mut tx, &self.db, &batch, now).await?;
         if !db::sync_state::advance(&mut *tx, STREAM, cursor, &last, now).await? {
             tx.rollback().await.map_err(DbError::from)?;
-            return Ok(());
+            return Ok(true);
         }
         tx.commit().await.map_err(DbError::from)?;
         report.pages += 1;
@@ -143,7 +151,7 @@ impl Syncer {
             *report.outcomes.entry(receipt.outcome).or_default() += 1;
         }
         self.record_lag(events.last().map(|e| &**e), now);
-        Ok(())
+        Ok(true)
     }
 
     fn record_lag(&self, last: Option<&RawValue>, now: Timestamp) {

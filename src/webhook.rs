@@ -142,7 +142,7 @@ pub const INVALID: &str = "invalid";
 pub const IGNORED: &str = "ignored";
 /// Outcome of an event id already in the inbox.
 pub const DUPLICATE: &str = "duplicate";
-/// Outcome of a membership event while its reconcile runs (never committed).
+/// Placeholder of a membership event until its reconcile decides (never stored).
 const PENDING: &str = "pending";
 
 /// A verified, parsed delivery, ready to store.
@@ -168,7 +168,8 @@ impl Incoming {
         })
     }
 
-    fn provisional_outcome(&self) -> &'static str {
+    /// The outcome of a delivery that needs no reconcile.
+    fn settled_outcome(&self) -> &'static str {
         match self.kind {
             EventKind::Membership(_) => PENDING,
             EventKind::Invalid(_) => INVALID,
@@ -199,22 +200,13 @@ pub async fn deliver_batch_in(
     now: Timestamp,
 ) -> Result<Vec<Receipt>, DbError> {
     let first = first_occurrences(batch);
-    let rows: Vec<InboxRow> = first
-        .iter()
-        .map(|&i| &batch[i])
-        .map(|d| InboxRow {
-            event_id: &d.event_id,
-            event_type: &d.event_type,
-            payload: &d.payload,
-            outcome: d.provisional_outcome(),
-        })
-        .collect();
-    let fresh = db::inbox::insert_many(&mut *conn, &rows, now).await?;
-    let stored: Vec<usize> = first
+    let ids: Vec<&str> = first.iter().map(|&i| batch[i].event_id.as_str()).collect();
+    let known = db::inbox::existing(&mut *conn, db.backend(), &ids).await?;
+    let fresh: Vec<usize> = first
         .into_iter()
-        .filter(|&i| fresh.contains(&batch[i].event_id))
+        .filter(|&i| !known.contains(&batch[i].event_id))
         .collect();
-    let members: Vec<(usize, &Observation)> = stored
+    let members: Vec<(usize, &Observation)> = fresh
         .iter()
         .filter_map(|&i| match &batch[i].kind {
             EventKind::Membership(obs) => Some((i, obs)),
@@ -223,15 +215,9 @@ pub async fn deliver_batch_in(
         .collect();
     let observations: Vec<&Observation> = members.iter().map(|(_, o)| *o).collect();
     let outcomes = reconcile_batch(&mut *conn, db, &observations, now).await?;
-    let settled: Vec<(&str, &str)> = members
+    let mut answers: HashMap<usize, &str> = fresh
         .iter()
-        .zip(&outcomes)
-        .map(|((i, _), o)| (batch[*i].event_id.as_str(), o.as_str()))
-        .collect();
-    db::inbox::set_outcomes(&mut *conn, &settled).await?;
-    let mut answers: HashMap<usize, &str> = stored
-        .iter()
-        .map(|&i| (i, batch[i].provisional_outcome()))
+        .map(|&i| (i, batch[i].settled_outcome()))
         .collect();
     answers.extend(
         members
@@ -239,6 +225,20 @@ pub async fn deliver_batch_in(
             .zip(&outcomes)
             .map(|((i, _), o)| (*i, o.as_str())),
     );
+    let rows: Vec<InboxRow> = fresh
+        .iter()
+        .map(|&i| InboxRow {
+            event_id: &batch[i].event_id,
+            event_type: &batch[i].event_type,
+            payload: &batch[i].payload,
+            outcome: answers[&i],
+        })
+        .collect();
+    let inserted = db::inbox::insert_many(&mut *conn, db.backend(), &rows, now).await?;
+    if inserted.len() != rows.len() {
+        // Another transaction (another replica) stored one of these ids since the read above.
+        return Err(DbError::Conflict);
+    }
     Ok(batch
         .iter()
         .enumerate()

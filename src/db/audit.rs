@@ -3,7 +3,7 @@
 use serde::Serialize;
 use sqlx::{Any, Executor};
 
-use super::{values_list, DbError};
+use super::{Backend, DbError};
 use crate::reconcile::{AuditEntry, HistoryMark};
 use crate::timestamp::Timestamp;
 
@@ -30,6 +30,7 @@ pub struct AuditRow {
 /// Appends rows in order (ids ascend in slice order).
 pub async fn insert_many<'c>(
     conn: impl Executor<'c, Database = Any>,
+    backend: Backend,
     entries: &[AuditEntry],
 ) -> Result<(), DbError> {
     if entries.is_empty() {
@@ -38,7 +39,7 @@ pub async fn insert_many<'c>(
     let sql = format!(
         "INSERT INTO role_audit (recorded_at, organization_id, user_id, membership_id, source, event_id, \
          workos_role_slug, old_role, new_role, old_status, new_status, outcome, detail, version) VALUES {}",
-        values_list(entries.len(), 14)
+        backend.values_list(entries.len(), 14)
     );
     let mut query = sqlx::query(&sql);
     for e in entries {

@@ -4,7 +4,7 @@ use sqlx::{Any, Executor};
 
 use std::collections::HashSet;
 
-use super::{values_list, DbError};
+use super::{Backend, DbError};
 use crate::timestamp::Timestamp;
 
 /// A delivery to record.
@@ -19,6 +19,7 @@ pub struct InboxRow<'a> {
 /// Records deliveries (event ids distinct); returns the ids that were new, the others being duplicates.
 pub async fn insert_many<'c>(
     conn: impl Executor<'c, Database = Any>,
+    backend: Backend,
     rows: &[InboxRow<'_>],
     received_at: Timestamp,
 ) -> Result<HashSet<String>, DbError> {
@@ -28,7 +29,7 @@ pub async fn insert_many<'c>(
     let sql = format!(
         "INSERT INTO webhook_events (event_id, event_type, payload, outcome, received_at) VALUES {} \
          ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
-        values_list(rows.len(), 5)
+        backend.values_list(rows.len(), 5)
     );
     let received_at = received_at.to_string();
     let mut query = sqlx::query_scalar::<_, String>(&sql);
@@ -43,9 +44,30 @@ pub async fn insert_many<'c>(
     Ok(query.fetch_all(conn).await?.into_iter().collect())
 }
 
+/// Which of these event ids are already stored.
+pub async fn existing<'c>(
+    conn: impl Executor<'c, Database = Any>,
+    backend: Backend,
+    ids: &[&str],
+) -> Result<HashSet<String>, DbError> {
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let sql = format!(
+        "SELECT event_id FROM webhook_events WHERE event_id IN (VALUES {})",
+        backend.values_list(ids.len(), 1)
+    );
+    let mut query = sqlx::query_scalar::<_, String>(&sql);
+    for id in ids {
+        query = query.bind(*id);
+    }
+    Ok(query.fetch_all(conn).await?.into_iter().collect())
+}
+
 /// Sets the outcome of stored deliveries: `(event_id, outcome)` pairs.
 pub async fn set_outcomes<'c>(
     conn: impl Executor<'c, Database = Any>,
+    backend: Backend,
     outcomes: &[(&str, &str)],
 ) -> Result<(), DbError> {
     if outcomes.is_empty() {
@@ -54,7 +76,7 @@ pub async fn set_outcomes<'c>(
     let sql = format!(
         "UPDATE webhook_events SET outcome = v.column2 FROM (VALUES {}) AS v \
          WHERE webhook_events.event_id = v.column1",
-        values_list(outcomes.len(), 2)
+        backend.values_list(outcomes.len(), 2)
     );
     let mut query = sqlx::query(&sql);
     for (id, outcome) in outcomes {

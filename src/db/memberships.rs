@@ -4,7 +4,7 @@ use sqlx::{Any, Executor};
 
 use std::collections::HashMap;
 
-use super::{values_list, DbError, Key};
+use super::{Backend, DbError, Key};
 use crate::reconcile::Membership;
 
 const COLUMNS: &str = "organization_id, user_id, membership_id, role_slug, workos_role_slug, status, version, updated_at";
@@ -42,6 +42,7 @@ pub async fn list<'c>(
 /// The stored rows of these memberships.
 pub async fn get_many<'c>(
     conn: impl Executor<'c, Database = Any>,
+    backend: Backend,
     keys: &[&Key],
 ) -> Result<HashMap<Key, Membership>, DbError> {
     if keys.is_empty() {
@@ -49,7 +50,7 @@ pub async fn get_many<'c>(
     }
     let sql = format!(
         "SELECT {COLUMNS} FROM memberships WHERE (organization_id, user_id) IN (VALUES {})",
-        values_list(keys.len(), 2)
+        backend.values_list(keys.len(), 2)
     );
     let mut query = sqlx::query_as::<_, Membership>(&sql);
     for (org, user) in keys {
@@ -65,6 +66,7 @@ pub async fn get_many<'c>(
 /// Inserts or replaces the rows of several memberships (each key at most once).
 pub async fn upsert_many<'c>(
     conn: impl Executor<'c, Database = Any>,
+    backend: Backend,
     rows: &[&Membership],
 ) -> Result<(), DbError> {
     if rows.is_empty() {
@@ -76,7 +78,7 @@ pub async fn upsert_many<'c>(
          membership_id = excluded.membership_id, role_slug = excluded.role_slug, \
          workos_role_slug = excluded.workos_role_slug, status = excluded.status, \
          version = excluded.version, updated_at = excluded.updated_at",
-        values_list(rows.len(), 8)
+        backend.values_list(rows.len(), 8)
     );
     let mut query = sqlx::query(&sql);
     for row in rows {

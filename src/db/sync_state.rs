@@ -1,7 +1,6 @@
 //! The `sync_state` table: the Events API cursor, and the lease that lets one replica sync at a time.
 
-use sqlx::pool::PoolConnection;
-use sqlx::{Any, Executor};
+use sqlx::{Any, AnyConnection, Connection, Executor};
 
 use super::{Backend, Db, DbError};
 use crate::timestamp::Timestamp;
@@ -41,8 +40,9 @@ pub async fn advance<'c>(
 
 /// Held while one process syncs. On PostgreSQL a session advisory lock on a dedicated connection;
 /// on SQLite nothing (the write lock and the cursor check already make a second syncer harmless).
+/// A lease dropped without `release` (a cancelled pass) drops its connection, which frees the lock.
 pub struct SyncLease {
-    conn: Option<PoolConnection<Any>>,
+    conn: Option<AnyConnection>,
 }
 
 const LEASE_KEY: i64 = 0x726f_6c65_7379_6e63; // "rolesync"
@@ -53,12 +53,18 @@ impl Db {
         if self.backend() != Backend::Postgres {
             return Ok(Some(SyncLease { conn: None }));
         }
-        let mut conn = self.pool().acquire().await?;
+        // A connection of its own, outside the pool: the pass needs pool connections while the
+        // lease is held, and a pool of one would otherwise time out waiting for the lease's.
+        let mut conn = AnyConnection::connect_with(&self.pool().connect_options()).await?;
         let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(LEASE_KEY)
-            .fetch_one(&mut *conn)
+            .fetch_one(&mut conn)
             .await?;
-        Ok(held.then_some(SyncLease { conn: Some(conn) }))
+        if !held {
+            let _ = conn.close().await;
+            return Ok(None);
+        }
+        Ok(Some(SyncLease { conn: Some(conn) }))
     }
 }
 
@@ -66,22 +72,12 @@ impl SyncLease {
     /// Gives the lease back.
     pub async fn release(mut self) {
         if let Some(mut conn) = self.conn.take() {
-            let unlocked = sqlx::query_scalar::<_, bool>("SELECT pg_advisory_unlock($1)")
+            // Unlocked before closing, so that the next pass finds the lock free at once.
+            let _ = sqlx::query_scalar::<_, bool>("SELECT pg_advisory_unlock($1)")
                 .bind(LEASE_KEY)
-                .fetch_one(&mut *conn)
+                .fetch_one(&mut conn)
                 .await;
-            if unlocked.is_err() {
-                drop(conn.detach());
-            }
-        }
-    }
-}
-
-impl Drop for SyncLease {
-    /// A lease dropped without `release` (a cancelled pass) closes its connection, which frees the lock.
-    fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            drop(conn.detach());
+            let _ = conn.close().await;
         }
     }
 }
