@@ -22,6 +22,8 @@ pub const EVENTS: &str =
 pub const STREAM: &str = "events";
 const PAGE_SIZE: usize = 100;
 const PAGE_DEADLINE: Duration = Duration::from_secs(30);
+/// Retries of a page's transaction after a transient storage failure.
+const TRANSIENT_RETRIES: usize = 3;
 
 /// Why a pass stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -133,8 +135,21 @@ impl Syncer {
             return Ok(false);
         };
         let now = self.clock.now();
-        let mut tx = self.db.begin_write().await.map_err(SyncError::Db)?;
-        let receipts = deliver_batch_in(&mut tx, &self.db, &batch, now).await?;
+        let mut attempt = 0;
+        let (mut tx, receipts) = loop {
+            let mut tx = self.db.begin_write().await.map_err(SyncError::Db)?;
+            match deliver_batch_in(&mut tx, &self.db, &batch, now).await {
+                Ok(receipts) => break (tx, receipts),
+                // A webhook stored one of these events meanwhile (or a deadlock): run the page
+                // again, which now sees that event as a duplicate.
+                Err(e) if e.is_transient() && attempt < TRANSIENT_RETRIES => {
+                    tracing::debug!(error = %e, attempt, "retrying an Events API page");
+                    attempt += 1;
+                    let _ = tx.rollback().await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         if !db::sync_state::advance(&mut *tx, STREAM, cursor, &last, now).await? {
             tx.rollback().await.map_err(DbError::from)?;
             return Ok(true);

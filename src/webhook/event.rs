@@ -51,6 +51,11 @@ pub struct PayloadError(pub String);
 
 /// Parses the envelope: JSON with a non-empty string `id` and `event`.
 pub fn parse_envelope(body: &[u8]) -> Result<Envelope<'_>, PayloadError> {
+    if nesting_depth(body) > MAX_DEPTH {
+        return Err(PayloadError(format!(
+            "JSON nested deeper than {MAX_DEPTH} levels"
+        )));
+    }
     let envelope: Envelope = serde_json::from_slice(body)
         .map_err(|e| PayloadError(format!("body is not a WorkOS event: {e}")))?;
     if envelope.id.is_empty() || envelope.id.len() > MAX_ID_LEN {
@@ -64,6 +69,30 @@ pub fn parse_envelope(body: &[u8]) -> Result<Envelope<'_>, PayloadError> {
         )));
     }
     Ok(envelope)
+}
+
+/// Deepest nesting accepted; `data` stays raw, so serde's own recursion limit does not reach it.
+const MAX_DEPTH: usize = 64;
+
+/// The deepest `[`/`{` nesting of a JSON text, skipping strings.
+fn nesting_depth(body: &[u8]) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in body {
+        match (in_string, escaped, b) {
+            (true, true, _) => escaped = false,
+            (true, false, b'\\') => escaped = true,
+            (true, false, b'"') => in_string = false,
+            (true, false, _) => {}
+            (false, _, b'"') => in_string = true,
+            (false, _, b'[' | b'{') => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            (false, _, b']' | b'}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// Classifies an event and, for a membership event, builds its observation.

@@ -3,10 +3,12 @@
 #[macro_use]
 pub mod support;
 
+mod catchup;
 mod fake_workos;
 mod login;
 mod migrations;
 mod ops;
 mod process;
 mod reconcile;
+mod reliability;
 mod webhook;

@@ -25,14 +25,14 @@ fn free_port() -> u16 {
 }
 
 /// A running `rolesync serve` with its stderr captured.
-struct Server {
+pub struct Server {
     child: Child,
-    base: String,
+    pub base: String,
     logs: std::thread::JoinHandle<String>,
 }
 
 impl Server {
-    async fn start(db_url: &str, envs: &[(&str, String)]) -> Self {
+    pub async fn start(db_url: &str, envs: &[(&str, String)]) -> Self {
         let port = free_port();
         let mut command = Command::new(BIN);
         command
@@ -78,7 +78,13 @@ impl Server {
         panic!("rolesync did not start");
     }
 
-    fn terminate(&self) {
+    /// SIGKILL: no drain, no goodbye.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub fn terminate(&self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
@@ -87,13 +93,13 @@ impl Server {
     }
 
     /// Waits for exit; returns (exit success, stderr).
-    fn finish(mut self) -> (bool, String) {
+    pub fn finish(mut self) -> (bool, String) {
         let status = self.child.wait().unwrap();
         (status.success(), self.logs.join().unwrap())
     }
 }
 
-async fn post_webhook(client: &reqwest::Client, base: &str, body: Vec<u8>) -> Option<u16> {
+pub async fn post_webhook(client: &reqwest::Client, base: &str, body: Vec<u8>) -> Option<u16> {
     let header = signature::sign(
         &body,
         SECRET.as_bytes(),

@@ -212,8 +212,7 @@ impl TestApp {
         config.webhook_secret = Some(SECRET.parse().unwrap());
         adjust(&mut config);
         let clock = TestClock::at("2026-11-25T12:00:00.000Z");
-        let mut state = AppState::new(&config, db.clone());
-        state.clock = clock.clone();
+        let state = AppState::with_clock(&config, db.clone(), clock.clone());
         Self {
             state: Arc::new(state),
             clock,
