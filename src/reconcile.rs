@@ -298,10 +298,32 @@ fn audit(
 
 /// Reconciles one observation in its own transaction.
 pub async fn reconcile(db: &Db, obs: &Observation, now: Timestamp) -> Result<Outcome, DbError> {
+    if repeats_what_is_stored(db, obs, now).await? {
+        return Ok(Outcome::Unchanged);
+    }
     let mut tx = db.begin_write().await?;
     let outcomes = reconcile_batch(&mut tx, db, &[obs], now).await?;
     tx.commit().await?;
     Ok(outcomes[0])
+}
+
+/// Whether the rules, run against the row as it is now, would write nothing and answer `unchanged`:
+/// then no write transaction (and on SQLite no write lock) is needed, which keeps repeated logins cheap.
+async fn repeats_what_is_stored(
+    db: &Db,
+    obs: &Observation,
+    now: Timestamp,
+) -> Result<bool, DbError> {
+    let Some(stored) = db::memberships::get(db.pool(), &obs.organization_id, &obs.user_id).await?
+    else {
+        return Ok(false);
+    };
+    let role_known = match &obs.role_slug {
+        Some(slug) => db::roles::exists(db.pool(), slug).await?,
+        None => false,
+    };
+    let decision = decide(Some(&stored), obs, role_known, None, now);
+    Ok(decision.outcome == Outcome::Unchanged && decision.write.is_none())
 }
 
 /// Reconciles observations, in order, inside the caller's write transaction (which the caller

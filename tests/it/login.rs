@@ -274,3 +274,18 @@ both! {
         assert_eq!(app.request(missing).await.0, StatusCode::NOT_FOUND);
     }
 }
+
+both! {
+    async fn a_login_that_changes_nothing_writes_nothing(t) {
+        let fake = FakeWorkos::start().await;
+        let app = login_app(&t.db, &fake, 1500);
+        fake.always(found("user_1", "admin", "active", 3));
+        assert_eq!(app.login("user_1").await.1["outcome"], "applied");
+        let before = membership(&t.db, "org_1", "user_1").await.unwrap();
+        app.clock.advance_millis(60_000);
+        let (_, again) = app.login("user_1").await;
+        assert_eq!((again["outcome"].as_str(), again["source"].as_str()), (Some("unchanged"), Some("workos")));
+        assert_eq!(membership(&t.db, "org_1", "user_1").await.unwrap(), before, "the row, updated_at included, is untouched");
+        assert_eq!(audit_count(&t.db).await, 1);
+    }
+}
