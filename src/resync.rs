@@ -10,10 +10,10 @@ use crate::reconcile::{
     decide, reconcile_batch, Membership, Observation, Outcome, Source, DELETED,
 };
 use crate::timestamp::Timestamp;
-use crate::workos::{ApiList, ApiMembership, WorkosClient, ALL_STATUSES};
+use crate::workos::{ApiMembership, WorkosClient};
 
 const CHUNK: usize = 200;
-const LIST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+const LIST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// One membership's comparison: what is stored, what WorkOS says, and what the reconcile does.
 #[derive(Debug, Clone)]
@@ -28,29 +28,16 @@ pub async fn list_organization(
     workos: &WorkosClient,
     organization_id: &str,
 ) -> anyhow::Result<Vec<ApiMembership>> {
-    let mut all = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let mut query = vec![
-            ("organization_id", organization_id.to_owned()),
-            ("statuses", ALL_STATUSES.to_owned()),
-            ("limit", "100".to_owned()),
-        ];
-        query.extend(after.take().map(|a| ("after", a)));
-        let page: ApiList<ApiMembership> = workos
-            .get_json(
-                "/user_management/organization_memberships",
-                &query,
-                Instant::now() + LIST_DEADLINE,
-            )
-            .await?;
-        all.extend(page.data);
-        match page.list_metadata.and_then(|m| m.after) {
-            Some(cursor) => after = Some(cursor),
-            None => return Ok(all),
-        }
-    }
+    let filters = [("organization_id", organization_id.to_owned())];
+    Ok(workos
+        .list_memberships(&filters, Instant::now() + LIST_DEADLINE, MAX_PAGES, |_| {
+            false
+        })
+        .await?)
 }
+
+/// 100,000 memberships: more pages than that is a runaway cursor.
+const MAX_PAGES: usize = 1000;
 
 /// The observations a resync makes: each WorkOS membership, and a deletion (versioned `now`) for
 /// each stored, not yet deleted membership that WorkOS no longer lists.

@@ -154,14 +154,37 @@ impl WorkosClient {
         organization_id: &str,
         deadline: Instant,
     ) -> Result<Option<ApiMembership>, WorkosError> {
+        let wanted =
+            |m: &ApiMembership| m.user_id == user_id && m.organization_id == organization_id;
+        let filters = [
+            ("user_id", user_id.to_owned()),
+            ("organization_id", organization_id.to_owned()),
+        ];
+        let listed = self
+            .list_memberships(&filters, deadline, MAX_PAGES, |page| {
+                page.iter().any(wanted)
+            })
+            .await?;
+        Ok(listed.into_iter().find(wanted))
+    }
+
+    /// Memberships matching `filters`, all statuses, page after page until `enough` is satisfied by a
+    /// page or the last page; more than `max_pages` pages is an error.
+    pub async fn list_memberships(
+        &self,
+        filters: &[(&str, String)],
+        deadline: Instant,
+        max_pages: usize,
+        mut enough: impl FnMut(&[ApiMembership]) -> bool,
+    ) -> Result<Vec<ApiMembership>, WorkosError> {
+        let mut all = Vec::new();
         let mut after: Option<String> = None;
-        for _ in 0..MAX_PAGES {
-            let mut query = vec![
-                ("user_id", user_id.to_owned()),
-                ("organization_id", organization_id.to_owned()),
+        for _ in 0..max_pages {
+            let mut query = filters.to_vec();
+            query.extend([
                 ("statuses", ALL_STATUSES.to_owned()),
                 ("limit", "100".to_owned()),
-            ];
+            ]);
             query.extend(after.take().map(|a| ("after", a)));
             let page: ApiList<ApiMembership> = self
                 .get_json(
@@ -170,20 +193,15 @@ impl WorkosClient {
                     deadline,
                 )
                 .await?;
-            let found = page
-                .data
-                .into_iter()
-                .find(|m| m.user_id == user_id && m.organization_id == organization_id);
-            if found.is_some() {
-                return Ok(found);
-            }
+            let done = enough(&page.data);
+            all.extend(page.data);
             match page.list_metadata.and_then(|m| m.after) {
-                Some(cursor) => after = Some(cursor),
-                None => return Ok(None),
+                Some(cursor) if !done => after = Some(cursor),
+                _ => return Ok(all),
             }
         }
         Err(WorkosError::Malformed(format!(
-            "more than {MAX_PAGES} pages"
+            "more than {max_pages} pages"
         )))
     }
 
