@@ -47,7 +47,7 @@ impl Batcher {
     /// Stores one delivery with whatever else is waiting; resolves after the commit.
     pub async fn submit(&self, incoming: Incoming) -> Result<Receipt, DbError> {
         let (reply, answer) = oneshot::channel();
-        let closed = || DbError::Corrupt("the committer has stopped".into());
+        let closed = || DbError::Unavailable("the committer has stopped".into());
         self.jobs
             .send(Job { incoming, reply })
             .await

@@ -27,8 +27,8 @@ pub enum DbError {
     Sqlx(#[from] sqlx::Error),
     #[error("migration error: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("stored value is corrupt: {0}")]
-    Corrupt(String),
+    #[error("{0}")]
+    Unavailable(String),
     #[error("a concurrent transaction stored the same event; retrying")]
     Conflict,
 }
@@ -107,7 +107,7 @@ impl Db {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, DbError> {
         sqlx::any::install_default_drivers();
         let backend = Backend::of_url(url).ok_or_else(|| {
-            DbError::Corrupt(format!("unsupported database URL scheme in {url:?}"))
+            DbError::Unavailable(format!("unsupported database URL scheme in {url:?}"))
         })?;
         let url = match backend {
             Backend::Sqlite if !url.contains("mode=") => {
@@ -209,7 +209,7 @@ impl Db {
         if applied as usize >= expected {
             Ok(())
         } else {
-            Err(DbError::Corrupt(format!(
+            Err(DbError::Unavailable(format!(
                 "{applied} of {expected} migrations applied"
             )))
         }

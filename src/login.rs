@@ -59,7 +59,7 @@ impl From<LoginError> for AppError {
         match e {
             LoginError::WorkosUnavailable(reason) => AppError::WorkosUnavailable(reason),
             LoginError::StorageUnavailable(reason) => {
-                AppError::StorageUnavailable(db::DbError::Corrupt(reason))
+                AppError::StorageUnavailable(db::DbError::Unavailable(reason))
             }
         }
     }

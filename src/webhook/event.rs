@@ -227,4 +227,133 @@ mod tests {
             EventKind::Other
         );
     }
+
+    mod props {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+        use time::format_description::well_known::Rfc3339;
+        use time::{OffsetDateTime, UtcOffset};
+
+        /// Parses and classifies; any panic fails the property.
+        fn parse_and_classify(body: &[u8]) -> Option<EventKind> {
+            parse_envelope(body)
+                .ok()
+                .map(|envelope| classify(&envelope, Source::Webhook))
+        }
+
+        /// A JSON string value, or (rarely) a non-string.
+        fn json_value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => "[a-z0-9_ .:+-]{0,12}".prop_map(|s| format!("{s:?}")),
+                1 => Just("null".to_owned()),
+                1 => Just(String::new()),
+                1 => "-?[0-9]{1,4}",
+                1 => Just(r#"{"slug":"admin"}"#.to_owned()),
+                1 => Just("[]".to_owned()),
+            ]
+        }
+
+        /// RFC 3339-shaped text, often valid, sometimes out of range.
+        fn rfc3339_ish() -> impl Strategy<Value = String> {
+            "[0-9]{4}-[01][0-9]-[0-3][0-9][Tt ][0-2][0-9]:[0-5][0-9]:[0-6][0-9](\\.[0-9]{1,12})?(Z|z|[+-][0-2][0-9]:[0-5][0-9])"
+        }
+
+        /// A membership event whose fields are each present, absent or mangled.
+        fn json_ish_event() -> impl Strategy<Value = String> {
+            let event = prop_oneof![
+                Just("organization_membership.created".to_owned()),
+                Just("organization_membership.updated".to_owned()),
+                Just("organization_membership.deleted".to_owned()),
+                "[a-z_.]{0,20}",
+            ];
+            let field = |name: &'static str| {
+                proptest::option::of(json_value())
+                    .prop_map(move |v| v.map(|v| format!(r#""{name}":{v}"#)).unwrap_or_default())
+            };
+            let updated_at = prop_oneof![
+                rfc3339_ish().prop_map(|t| format!(r#""updated_at":"{t}""#)),
+                field("updated_at"),
+            ];
+            let role = prop_oneof![
+                "[a-z_]{0,8}".prop_map(|s| format!(r#""role":{{"slug":"{s}"}}"#)),
+                field("role"),
+            ];
+            (
+                event,
+                (field("id"), field("user_id"), field("organization_id")),
+                (field("status"), role, updated_at),
+                "[ ,{}\\[\\]\":a-z0-9]{0,4}",
+            )
+                .prop_map(|(event, (id, user, org), (status, role, at), junk)| {
+                    let fields: Vec<String> = [id, user, org, status, role, at]
+                        .into_iter()
+                        .filter(|f| !f.is_empty())
+                        .collect();
+                    format!(
+                        r#"{{"id":"event_1","event":"{event}","data":{{{}}}{junk}}}"#,
+                        fields.join(",")
+                    )
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_bytes_never_panic(body in vec(any::<u8>(), 0..512)) {
+                let _ = parse_and_classify(&body);
+            }
+
+            #[test]
+            fn arbitrary_strings_never_panic(body in any::<String>()) {
+                let _ = parse_and_classify(body.as_bytes());
+            }
+
+            #[test]
+            fn json_ish_events_never_panic_and_memberships_are_complete(body in json_ish_event()) {
+                if let Some(EventKind::Membership(obs)) = parse_and_classify(body.as_bytes()) {
+                    prop_assert!(!obs.organization_id.is_empty() && !obs.user_id.is_empty());
+                    prop_assert!(!obs.membership_id.is_empty() && !obs.status.is_empty());
+                    let text = obs.version.to_string();
+                    prop_assert_eq!(Timestamp::parse(&text).ok(), Some(obs.version), "{}", text);
+                }
+            }
+
+            #[test]
+            fn a_valid_updated_at_round_trips_the_version(
+                // Years 0000 to 9999, the range `Timestamp` accepts.
+                ms in -62_167_219_200_000..=253_402_300_799_999i64,
+                sub_ms_nanos in 0..1_000_000i64,
+                offset_minutes in -(23 * 60 + 59)..=(23 * 60 + 59i32),
+                deleted in any::<bool>(),
+            ) {
+                let version = Timestamp::from_millis(ms).expect("in range");
+                // The same instant, written with a local offset and sub-millisecond digits.
+                let nanos = i128::from(ms) * 1_000_000 + i128::from(sub_ms_nanos);
+                let offset = UtcOffset::from_whole_seconds(offset_minutes * 60).expect("offset");
+                let local = OffsetDateTime::from_unix_timestamp_nanos(nanos)
+                    .expect("in range")
+                    .to_offset(offset);
+                // RFC 3339 has four-digit years only: the offset may push the edges out.
+                let local = local.format(&Rfc3339);
+                prop_assume!(local.is_ok());
+                for updated_at in [version.to_string(), local.unwrap()] {
+                    let data = DATA.replace("2023-11-18T17:10:15.121Z", &updated_at);
+                    let event = if deleted {
+                        "organization_membership.deleted"
+                    } else {
+                        "organization_membership.updated"
+                    };
+                    let body = membership_event(event, &data);
+                    let kind = parse_and_classify(body.as_bytes());
+                    let Some(EventKind::Membership(obs)) = kind else {
+                        panic!("{updated_at}: expected a membership, got {kind:?}");
+                    };
+                    prop_assert_eq!(obs.version, version, "{}", updated_at);
+                    let text = obs.version.to_string();
+                    prop_assert_eq!(text.len(), 24, "fixed width: {}", text);
+                    prop_assert_eq!(Timestamp::parse(&text).ok(), Some(version), "{}", text);
+                }
+            }
+        }
+    }
 }
