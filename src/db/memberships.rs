@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use super::{Backend, DbError, Key};
 use crate::reconcile::Membership;
 
+/// The same columns, qualified for a join on `m`.
+const PREFIXED_COLUMNS: &str = "m.organization_id, m.user_id, m.membership_id, m.role_slug, m.workos_role_slug, m.status, m.version, m.updated_at";
 const COLUMNS: &str = "organization_id, user_id, membership_id, role_slug, workos_role_slug, status, version, updated_at";
 
 /// The stored row of one membership.
@@ -49,7 +51,9 @@ pub async fn get_many<'c>(
         return Ok(HashMap::new());
     }
     let sql = format!(
-        "SELECT {COLUMNS} FROM memberships WHERE (organization_id, user_id) IN (VALUES {})",
+        "SELECT {} FROM (VALUES {}) AS k JOIN memberships m \
+         ON m.organization_id = k.column1 AND m.user_id = k.column2",
+        PREFIXED_COLUMNS,
         backend.values_list(keys.len(), 2)
     );
     let mut query = sqlx::query_as::<_, Membership>(&sql);
