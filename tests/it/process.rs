@@ -99,20 +99,34 @@ impl Server {
     }
 }
 
-pub async fn post_webhook(client: &reqwest::Client, base: &str, body: Vec<u8>) -> Option<u16> {
+/// POSTs a body to a running rolesync, signed now with the test secret.
+pub async fn post_signed(
+    client: &reqwest::Client,
+    base: &str,
+    body: Vec<u8>,
+) -> reqwest::Result<reqwest::Response> {
     let header = signature::sign(
         &body,
         SECRET.as_bytes(),
         rolesync::timestamp::Timestamp::now().millis(),
     );
-    let response = client
+    client
         .post(format!("{base}/webhooks/workos"))
         .header("WorkOS-Signature", header)
         .body(body)
         .send()
         .await
-        .ok()?;
-    Some(response.status().as_u16())
+}
+
+/// The status of a signed delivery; `None` when the server did not answer.
+pub async fn post_webhook(client: &reqwest::Client, base: &str, body: Vec<u8>) -> Option<u16> {
+    Some(
+        post_signed(client, base, body)
+            .await
+            .ok()?
+            .status()
+            .as_u16(),
+    )
 }
 
 fn body_with_marker(id: &str, user: &str) -> Vec<u8> {

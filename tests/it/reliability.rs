@@ -13,7 +13,7 @@ use rolesync::timestamp::Timestamp;
 use rolesync::webhook::{deliver_batch, Incoming};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::process::{post_webhook, Server};
+use crate::process::{post_signed, post_webhook, Server};
 use crate::support::{assert_chain, audit_of, membership, membership_event, TestApp, TestDb};
 
 /// All orders of `items`.
@@ -338,18 +338,7 @@ async fn two_processes_on_one_postgres_apply_each_delivery_once() {
 }
 
 async fn answer(client: &reqwest::Client, base: &str, body: Vec<u8>) -> String {
-    let header = rolesync::webhook::signature::sign(
-        &body,
-        crate::support::SECRET.as_bytes(),
-        Timestamp::now().millis(),
-    );
-    let response = client
-        .post(format!("{base}/webhooks/workos"))
-        .header("WorkOS-Signature", header)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let response = post_signed(client, base, body).await.unwrap();
     assert_eq!(response.status(), 200);
     let json: serde_json::Value = response.json().await.unwrap();
     json["outcome"].as_str().unwrap().to_owned()
