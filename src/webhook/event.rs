@@ -3,7 +3,7 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::reconcile::{Observation, Source};
+use crate::reconcile::{Observation, Source, DELETED};
 use crate::timestamp::Timestamp;
 
 /// Longest event id accepted; WorkOS ids are about 32 characters.
@@ -120,7 +120,7 @@ fn observation(
     let version = Timestamp::parse(&updated_at).map_err(|e| format!("data.updated_at: {e}"))?;
     let role_slug = data.role.and_then(|r| r.slug).filter(|s| !s.is_empty());
     let (status, role_slug) = if deleted {
-        (data.status.unwrap_or_else(|| "deleted".into()), role_slug)
+        (DELETED.to_owned(), role_slug)
     } else {
         let status = required(data.status, "data.status")?;
         (
