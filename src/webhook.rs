@@ -256,9 +256,3 @@ fn first_occurrences(batch: &[Incoming]) -> Vec<usize> {
         .filter(|&i| seen.insert(batch[i].event_id.as_str()))
         .collect()
 }
-
-/// Delivers one event in its own transaction.
-pub async fn deliver(db: &Db, incoming: &Incoming, now: Timestamp) -> Result<Receipt, DbError> {
-    let mut receipts = deliver_batch(db, std::slice::from_ref(incoming), now).await?;
-    Ok(receipts.remove(0))
-}

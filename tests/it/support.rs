@@ -128,9 +128,6 @@ impl TestClock {
     pub fn at(ts: &str) -> Arc<Self> {
         Arc::new(Self(AtomicI64::new(Timestamp::parse(ts).unwrap().millis())))
     }
-    pub fn set_millis(&self, ms: i64) {
-        self.0.store(ms, Ordering::SeqCst);
-    }
     pub fn advance_millis(&self, ms: i64) {
         self.0.fetch_add(ms, Ordering::SeqCst);
     }
