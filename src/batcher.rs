@@ -5,12 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use sqlx::AnyConnection;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use crate::db::{Db, DbError};
+use crate::db::{Backend, Db, DbError};
 use crate::metrics::Metrics;
 use crate::timestamp::SharedClock;
-use crate::webhook::{deliver_batch, Incoming, Receipt};
+use crate::webhook::{deliver_batch_on, Incoming, Receipt};
 
 /// Most deliveries committed together.
 pub const MAX_BATCH: usize = 256;
@@ -38,8 +39,23 @@ impl Batcher {
                 db: db.clone(),
                 clock: clock.clone(),
                 metrics: metrics.clone(),
+                conn: None,
             };
-            tokio::spawn(work(committer, queue.clone()));
+            let queue = queue.clone();
+            if db.backend() == Backend::Sqlite {
+                // The one SQLite writer is the bottleneck: give it a thread of its own so its
+                // statements never wait behind request tasks in the shared runtime's queue.
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a current-thread runtime builds");
+                std::thread::Builder::new()
+                    .name("rolesync-commit".into())
+                    .spawn(move || runtime.block_on(work(committer, queue)))
+                    .expect("the committer thread starts");
+            } else {
+                tokio::spawn(work(committer, queue));
+            }
         }
         Self { jobs }
     }
@@ -56,13 +72,16 @@ impl Batcher {
     }
 }
 
+/// One committer: it keeps its own connection, so that SQLite's page cache and the prepared statements
+/// stay warm from one batch to the next (a pooled connection would change every batch).
 struct Committer {
     db: Db,
     clock: SharedClock,
     metrics: Arc<Metrics>,
+    conn: Option<AnyConnection>,
 }
 
-async fn work(committer: Committer, queue: Arc<Mutex<mpsc::Receiver<Job>>>) {
+async fn work(mut committer: Committer, queue: Arc<Mutex<mpsc::Receiver<Job>>>) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     loop {
         let received = queue.lock().await.recv_many(&mut jobs, MAX_BATCH).await;
@@ -71,7 +90,7 @@ async fn work(committer: Committer, queue: Arc<Mutex<mpsc::Receiver<Job>>>) {
         }
         let started = std::time::Instant::now();
         committer.metrics.batch_size.observe(received as f64);
-        commit(&committer.db, &committer.clock, std::mem::take(&mut jobs)).await;
+        committer.commit(std::mem::take(&mut jobs)).await;
         committer
             .metrics
             .reconcile_duration
@@ -79,42 +98,61 @@ async fn work(committer: Committer, queue: Arc<Mutex<mpsc::Receiver<Job>>>) {
     }
 }
 
-async fn commit(db: &Db, clock: &SharedClock, jobs: Vec<Job>) {
-    let (batch, replies): (Vec<Incoming>, Vec<_>) =
-        jobs.into_iter().map(|j| (j.incoming, j.reply)).unzip();
-    match with_retries(db, clock, &batch).await {
-        Ok(receipts) => {
-            for (reply, receipt) in replies.into_iter().zip(receipts) {
-                let _ = reply.send(Ok(receipt));
+impl Committer {
+    async fn commit(&mut self, jobs: Vec<Job>) {
+        let (batch, replies): (Vec<Incoming>, Vec<_>) =
+            jobs.into_iter().map(|j| (j.incoming, j.reply)).unzip();
+        match self.with_retries(&batch).await {
+            Ok(receipts) => {
+                for (reply, receipt) in replies.into_iter().zip(receipts) {
+                    let _ = reply.send(Ok(receipt));
+                }
             }
-        }
-        Err(e) if batch.len() == 1 => {
-            let _ = replies.into_iter().next().map(|r| r.send(Err(e)));
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, size = batch.len(), "batch failed; committing its deliveries one by one");
-            for (incoming, reply) in batch.into_iter().zip(replies) {
-                let one = with_retries(db, clock, std::slice::from_ref(&incoming)).await;
-                let _ = reply.send(one.map(|mut r| r.remove(0)));
+            Err(e) if batch.len() == 1 => {
+                let _ = replies.into_iter().next().map(|r| r.send(Err(e)));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, size = batch.len(), "batch failed; committing its deliveries one by one");
+                for (incoming, reply) in batch.into_iter().zip(replies) {
+                    let one = self.with_retries(std::slice::from_ref(&incoming)).await;
+                    let _ = reply.send(one.map(|mut r| r.remove(0)));
+                }
             }
         }
     }
-}
 
-async fn with_retries(
-    db: &Db,
-    clock: &SharedClock,
-    batch: &[Incoming],
-) -> Result<Vec<Receipt>, DbError> {
-    let mut attempt = 0;
-    loop {
-        match deliver_batch(db, batch, clock.now()).await {
-            Err(e) if e.is_transient() && attempt < TRANSIENT_RETRIES => {
-                attempt += 1;
-                tracing::debug!(error = %e, attempt, "transient database error; retrying the batch");
-                tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+    async fn with_retries(&mut self, batch: &[Incoming]) -> Result<Vec<Receipt>, DbError> {
+        let mut attempt = 0;
+        loop {
+            match self.once(batch).await {
+                Err(e) if e.is_transient() && attempt < TRANSIENT_RETRIES => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "transient database error; retrying the batch");
+                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+                }
+                result => return result,
             }
-            result => return result,
         }
+    }
+
+    /// One attempt on the committer's connection; after an error the connection is dropped and the
+    /// next attempt takes a fresh one, so a broken connection is never reused.
+    async fn once(&mut self, batch: &[Incoming]) -> Result<Vec<Receipt>, DbError> {
+        if self.db.pool().is_closed() {
+            self.conn = None;
+            return Err(DbError::Unavailable("the database pool is closed".into()));
+        }
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => self.conn.insert(self.db.dedicated().await?),
+        };
+        let result = deliver_batch_on(conn, &self.db, batch, self.clock.now()).await;
+        if result
+            .as_ref()
+            .is_err_and(|e| !matches!(e, DbError::Conflict))
+        {
+            self.conn = None;
+        }
+        result
     }
 }

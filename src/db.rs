@@ -100,7 +100,8 @@ pub struct Db {
 
 /// Pragmas that make an acknowledged SQLite write survive a crash and let readers run beside a writer.
 const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-     PRAGMA busy_timeout = 30000; PRAGMA foreign_keys = ON; PRAGMA cache_size = -8000;";
+     PRAGMA busy_timeout = 30000; PRAGMA foreign_keys = ON; PRAGMA cache_size = -8000; \
+     PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 10000;";
 
 impl Db {
     /// Connects to `url` (`sqlite://...`, created if missing, or `postgres://...`).
@@ -163,6 +164,24 @@ impl Db {
             Backend::Postgres => self.pool.begin().await?,
         };
         Ok(tx)
+    }
+
+    /// [`Db::begin_write`] on a connection the caller owns.
+    pub async fn begin_write_on<'c>(
+        &self,
+        conn: &'c mut AnyConnection,
+    ) -> Result<Transaction<'c, Any>, DbError> {
+        let tx = match self.backend {
+            Backend::Sqlite => conn.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => conn.begin().await?,
+        };
+        Ok(tx)
+    }
+
+    /// A connection taken out of the pool for good (the pool may open another in its place), for a
+    /// worker that wants the same connection, with its caches, for every transaction.
+    pub async fn dedicated(&self) -> Result<AnyConnection, DbError> {
+        Ok(self.pool.acquire().await?.detach())
     }
 
     /// Serializes writers of these memberships until the transaction ends. SQLite already holds the

@@ -3,7 +3,7 @@
 use serde::Serialize;
 use sqlx::AnyConnection;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::db::{self, Db, DbError, Key};
 use crate::timestamp::Timestamp;
@@ -342,6 +342,7 @@ pub async fn reconcile_batch(
     db.lock_memberships(&mut *conn, &key_refs).await?;
     let mut rows = db::memberships::get_many(&mut *conn, db.backend(), &key_refs).await?;
     let known: HashSet<String> = db::roles::list(&mut *conn).await?.into_iter().collect();
+    let trails = stored_trails(&mut *conn, db, &rows, observations).await?;
     let mut written: BTreeMap<Key, Membership> = BTreeMap::new();
     let mut audits: Vec<AuditEntry> = Vec::new();
     let mut outcomes = Vec::with_capacity(observations.len());
@@ -349,7 +350,7 @@ pub async fn reconcile_batch(
         let key = key_of(obs);
         let stored = rows.get(&key);
         let history = match is_stale(stored, obs) {
-            true => history_as_of(&mut *conn, &audits, obs).await?,
+            true => history_as_of(&mut *conn, &trails, &audits, obs).await?,
             false => None,
         };
         let role_known = obs.role_slug.as_ref().is_some_and(|s| known.contains(s));
@@ -375,10 +376,46 @@ fn key_of(obs: &Observation) -> Key {
     (obs.organization_id.clone(), obs.user_id.clone())
 }
 
+/// The stored trails as of each observation that may turn out stale (older than or as old as a
+/// version stored or seen earlier in the batch), read in one statement before the batch writes.
+async fn stored_trails(
+    conn: &mut AnyConnection,
+    db: &Db,
+    rows: &HashMap<Key, Membership>,
+    observations: &[&Observation],
+) -> Result<StoredTrails, DbError> {
+    let mut newest: HashMap<(&str, &str), Timestamp> = HashMap::new();
+    let mut points = Vec::new();
+    for obs in observations {
+        let key = (obs.organization_id.as_str(), obs.user_id.as_str());
+        let stored = rows.get(&key_of(obs)).map(|m| m.version);
+        let seen = newest.get(&key).copied().max(stored);
+        if seen.is_some_and(|v| obs.version <= v) {
+            points.push((key.0, key.1, obs.version));
+        }
+        newest.insert(key, seen.map_or(obs.version, |v| v.max(obs.version)));
+    }
+    points.sort_unstable();
+    points.dedup();
+    let marks = db::audit::as_of_many(&mut *conn, db.backend(), &points).await?;
+    let points = points
+        .into_iter()
+        .map(|(org, user, version)| (org.to_owned(), user.to_owned(), version))
+        .collect();
+    Ok(StoredTrails { points, marks })
+}
+
+/// What [`stored_trails`] read: which points it asked for and the marks found.
+struct StoredTrails {
+    points: HashSet<(String, String, Timestamp)>,
+    marks: HashMap<(String, String, Timestamp), HistoryMark>,
+}
+
 /// The trail as of the observation's version: the stored trail, overtaken by rows this batch is
 /// about to append.
 async fn history_as_of(
     conn: &mut AnyConnection,
+    trails: &StoredTrails,
     pending: &[AuditEntry],
     obs: &Observation,
 ) -> Result<Option<HistoryMark>, DbError> {
@@ -394,7 +431,16 @@ async fn history_as_of(
             workos_role_slug: a.workos_role_slug.clone(),
             new_status: a.new_status.clone(),
         });
-    let stored = db::audit::as_of(conn, &obs.organization_id, &obs.user_id, obs.version).await?;
+    let point = (
+        obs.organization_id.clone(),
+        obs.user_id.clone(),
+        obs.version,
+    );
+    let stored = match trails.points.contains(&point) {
+        true => trails.marks.get(&point).cloned(),
+        // Not foreseen as possibly stale (it cannot happen, but a read is always right).
+        false => db::audit::as_of(conn, &obs.organization_id, &obs.user_id, obs.version).await?,
+    };
     Ok(match (stored, in_batch) {
         (Some(s), Some(b)) if s.version > b.version => Some(s),
         (s, b) => b.or(s),

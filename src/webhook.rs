@@ -192,6 +192,19 @@ pub async fn deliver_batch(
     Ok(receipts)
 }
 
+/// [`deliver_batch`] on a connection the caller keeps (the group-commit workers' own).
+pub async fn deliver_batch_on(
+    conn: &mut AnyConnection,
+    db: &Db,
+    batch: &[Incoming],
+    now: Timestamp,
+) -> Result<Vec<Receipt>, DbError> {
+    let mut tx = db.begin_write_on(conn).await?;
+    let receipts = deliver_batch_in(&mut tx, db, batch, now).await?;
+    tx.commit().await?;
+    Ok(receipts)
+}
+
 /// [`deliver_batch`] inside the caller's write transaction, which the caller commits.
 pub async fn deliver_batch_in(
     conn: &mut AnyConnection,
@@ -235,7 +248,7 @@ pub async fn deliver_batch_in(
         })
         .collect();
     let inserted = db::inbox::insert_many(&mut *conn, db.backend(), &rows, now).await?;
-    if inserted.len() != rows.len() {
+    if inserted != rows.len() as u64 {
         // Another transaction (another replica) stored one of these ids since the read above.
         return Err(DbError::Conflict);
     }

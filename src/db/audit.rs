@@ -1,7 +1,9 @@
 //! The append-only `role_audit` table: every decision of every path.
 
 use serde::Serialize;
-use sqlx::{Any, Executor};
+use sqlx::{Any, Executor, Row};
+
+use std::collections::HashMap;
 
 use super::{Backend, DbError};
 use crate::reconcile::{AuditEntry, HistoryMark};
@@ -101,4 +103,47 @@ pub async fn as_of<'c>(
     .bind(version.to_string())
     .fetch_optional(conn)
     .await?)
+}
+
+/// [`as_of`] for several `(organization_id, user_id, version)` at once, in one statement; a point with
+/// no trail is absent from the map.
+pub async fn as_of_many<'c>(
+    conn: impl Executor<'c, Database = Any>,
+    backend: Backend,
+    points: &[(&str, &str, Timestamp)],
+) -> Result<HashMap<(String, String, Timestamp), HistoryMark>, DbError> {
+    if points.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let sql = format!(
+        "SELECT k.column1 AS organization_id, k.column2 AS user_id, k.column3 AS as_of, \
+         a.version, a.workos_role_slug, a.new_status \
+         FROM (VALUES {}) AS k JOIN role_audit a ON a.id = (SELECT b.id FROM role_audit b \
+         WHERE b.organization_id = k.column1 AND b.user_id = k.column2 AND b.version <= k.column3 \
+         AND (b.outcome <> 'stale' OR b.version = k.column3) ORDER BY b.version DESC, b.id DESC LIMIT 1)",
+        backend.values_list(points.len(), 3)
+    );
+    let mut query = sqlx::query(&sql);
+    for (org, user, version) in points {
+        query = query.bind(*org).bind(*user).bind(version.to_string());
+    }
+    let mut out = HashMap::with_capacity(points.len());
+    for row in query.fetch_all(conn).await? {
+        let timestamp = |column: &str| -> Result<Timestamp, DbError> {
+            let text: String = row.try_get(column)?;
+            Timestamp::try_from(text).map_err(|e| DbError::Sqlx(sqlx::Error::Decode(e.into())))
+        };
+        let point = (
+            row.try_get("organization_id")?,
+            row.try_get("user_id")?,
+            timestamp("as_of")?,
+        );
+        let mark = HistoryMark {
+            version: timestamp("version")?,
+            workos_role_slug: row.try_get("workos_role_slug")?,
+            new_status: row.try_get("new_status")?,
+        };
+        out.insert(point, mark);
+    }
+    Ok(out)
 }

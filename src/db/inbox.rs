@@ -16,23 +16,23 @@ pub struct InboxRow<'a> {
     pub outcome: &'a str,
 }
 
-/// Records deliveries (event ids distinct); returns the ids that were new, the others being duplicates.
+/// Records deliveries (event ids distinct); returns how many were new, the others being duplicates.
 pub async fn insert_many<'c>(
     conn: impl Executor<'c, Database = Any>,
     backend: Backend,
     rows: &[InboxRow<'_>],
     received_at: Timestamp,
-) -> Result<HashSet<String>, DbError> {
+) -> Result<u64, DbError> {
     if rows.is_empty() {
-        return Ok(HashSet::new());
+        return Ok(0);
     }
     let sql = format!(
         "INSERT INTO webhook_events (event_id, event_type, payload, outcome, received_at) VALUES {} \
-         ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+         ON CONFLICT (event_id) DO NOTHING",
         backend.values_list(rows.len(), 5)
     );
     let received_at = received_at.to_string();
-    let mut query = sqlx::query_scalar::<_, String>(&sql);
+    let mut query = sqlx::query(&sql);
     for row in rows {
         query = query
             .bind(row.event_id)
@@ -41,7 +41,7 @@ pub async fn insert_many<'c>(
             .bind(row.outcome)
             .bind(received_at.as_str());
     }
-    Ok(query.fetch_all(conn).await?.into_iter().collect())
+    Ok(query.execute(conn).await?.rows_affected())
 }
 
 /// Which of these event ids are already stored.

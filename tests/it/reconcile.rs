@@ -430,3 +430,88 @@ fn any_order_of_observations_converges_on_sqlite() {
 fn any_order_of_observations_converges_on_postgres() {
     convergence_property(Backend::Postgres);
 }
+
+async fn commit_batch(db: &Db, part: &[&Observation]) -> Vec<Outcome> {
+    let mut tx = db.begin_write().await.unwrap();
+    let outcomes = rolesync::reconcile::reconcile_batch(&mut tx, db, part, v(100))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    outcomes
+}
+
+/// Any split of a delivery sequence into batches (as group commit makes them) gives the same
+/// outcomes, audit rows and final row as reconciling the deliveries one at a time, stale repeats and
+/// their trail lookups included.
+fn batching_property(backend: Backend) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let t = rt.block_on(TestDb::new(backend));
+    let observation = (
+        prop::sample::select(vec!["admin", "member", "creator"]),
+        prop::sample::select(vec!["active", "inactive"]),
+        prop::bool::weighted(0.15),
+        1i64..6,
+    );
+    let strategy = (
+        prop::collection::vec(observation, 1..14),
+        prop::collection::vec(prop::bool::ANY, 14),
+    );
+    let counter = std::sync::atomic::AtomicUsize::new(0);
+    let config = ProptestConfig {
+        cases: 48,
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |((sequence, cuts) in strategy)| {
+        let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let for_user = |user: &str| -> Vec<Observation> {
+            sequence.iter().map(|(role, status, deleted, version)| {
+                let mut o = obs(*version, Some(role), status, *deleted);
+                o.user_id = user.to_owned();
+                o
+            }).collect()
+        };
+        let (single, batched) = (format!("user_s{n}"), format!("user_b{n}"));
+        let (one_by_one, in_batches) = (for_user(&single), for_user(&batched));
+        rt.block_on(async {
+            let mut expected = Vec::new();
+            for o in &one_by_one {
+                expected.extend(commit_batch(&t.db, &[o]).await);
+            }
+            let mut got = Vec::new();
+            let mut part = Vec::new();
+            for (i, o) in in_batches.iter().enumerate() {
+                part.push(o);
+                if cuts[i] || i + 1 == in_batches.len() {
+                    got.extend(commit_batch(&t.db, &std::mem::take(&mut part)).await);
+                }
+            }
+            prop_assert_eq!(&got, &expected, "outcomes");
+            let strip = |rows: Vec<rolesync::db::audit::AuditRow>| -> Vec<_> {
+                rows.into_iter().map(|r| (r.outcome, r.version, r.workos_role_slug, r.old_role, r.new_role, r.old_status, r.new_status)).collect()
+            };
+            let audit_single = strip(audit_of(&t.db, "org_1", &single).await);
+            let audit_batched = strip(audit_of(&t.db, "org_1", &batched).await);
+            prop_assert_eq!(audit_batched, audit_single, "audit rows");
+            let row = |m: rolesync::reconcile::Membership| (m.role_slug, m.workos_role_slug, m.status, m.version);
+            prop_assert_eq!(
+                row(membership(&t.db, "org_1", &batched).await.unwrap()),
+                row(membership(&t.db, "org_1", &single).await.unwrap())
+            );
+            Ok(())
+        })?;
+    });
+}
+
+#[test]
+fn any_split_into_batches_matches_one_at_a_time_on_sqlite() {
+    batching_property(Backend::Sqlite);
+}
+
+#[test]
+fn any_split_into_batches_matches_one_at_a_time_on_postgres() {
+    batching_property(Backend::Postgres);
+}
