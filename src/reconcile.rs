@@ -335,11 +335,39 @@ pub async fn reconcile_batch(
     observations: &[&Observation],
     now: Timestamp,
 ) -> Result<Vec<Outcome>, DbError> {
+    lock_memberships_of(&mut *conn, db, observations).await?;
+    reconcile_locked(conn, db, observations, now).await
+}
+
+/// Takes the lock of every membership these observations touch, until the transaction ends (one
+/// statement on PostgreSQL; on SQLite the write transaction already excludes other writers).
+pub async fn lock_memberships_of(
+    conn: &mut AnyConnection,
+    db: &Db,
+    observations: &[&Observation],
+) -> Result<(), DbError> {
+    let keys = sorted_keys(observations);
+    db.lock_memberships(conn, &keys.iter().collect::<Vec<_>>())
+        .await
+}
+
+fn sorted_keys(observations: &[&Observation]) -> Vec<Key> {
     let mut keys: Vec<Key> = observations.iter().map(|o| key_of(o)).collect();
     keys.sort_unstable();
     keys.dedup();
+    keys
+}
+
+/// [`reconcile_batch`] for a caller that already holds, through [`lock_memberships_of`], the lock of
+/// every membership the observations touch.
+pub async fn reconcile_locked(
+    conn: &mut AnyConnection,
+    db: &Db,
+    observations: &[&Observation],
+    now: Timestamp,
+) -> Result<Vec<Outcome>, DbError> {
+    let keys = sorted_keys(observations);
     let key_refs: Vec<&Key> = keys.iter().collect();
-    db.lock_memberships(&mut *conn, &key_refs).await?;
     let mut rows = db::memberships::get_many(&mut *conn, db.backend(), &key_refs).await?;
     let known: HashSet<String> = db::roles::list(&mut *conn).await?.into_iter().collect();
     let trails = stored_trails(&mut *conn, db, &rows, observations).await?;

@@ -21,7 +21,7 @@ use sqlx::AnyConnection;
 use crate::db::{self, Db, DbError};
 use crate::error::AppError;
 use crate::metrics::{PositionLabel, ReasonLabel};
-use crate::reconcile::{reconcile_batch, Observation, Source};
+use crate::reconcile::{self, Observation, Source};
 use crate::timestamp::Timestamp;
 use event::{classify, parse_envelope, EventKind, PayloadError};
 
@@ -213,6 +213,17 @@ pub async fn deliver_batch_in(
     now: Timestamp,
 ) -> Result<Vec<Receipt>, DbError> {
     let first = first_occurrences(batch);
+    // Lock first, then look for duplicates: a concurrent batch (another committer or replica)
+    // holding the same event holds its membership's lock, so once we have it that batch has
+    // committed and its event id is visible here.
+    let all: Vec<&Observation> = first
+        .iter()
+        .filter_map(|&i| match &batch[i].kind {
+            EventKind::Membership(obs) => Some(obs),
+            _ => None,
+        })
+        .collect();
+    reconcile::lock_memberships_of(&mut *conn, db, &all).await?;
     let ids: Vec<&str> = first.iter().map(|&i| batch[i].event_id.as_str()).collect();
     let known = db::inbox::existing(&mut *conn, db.backend(), &ids).await?;
     let fresh: Vec<usize> = first
@@ -227,7 +238,7 @@ pub async fn deliver_batch_in(
         })
         .collect();
     let observations: Vec<&Observation> = members.iter().map(|(_, o)| *o).collect();
-    let outcomes = reconcile_batch(&mut *conn, db, &observations, now).await?;
+    let outcomes = reconcile::reconcile_locked(&mut *conn, db, &observations, now).await?;
     let mut answers: HashMap<usize, &str> = fresh
         .iter()
         .map(|&i| (i, batch[i].settled_outcome()))
