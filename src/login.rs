@@ -23,7 +23,7 @@ use crate::config::{Config, Secret};
 use crate::db;
 use crate::error::AppError;
 use crate::metrics::{LoginLabels, Metrics};
-use crate::reconcile::{reconcile, Membership, Observation, Outcome, Source, DELETED};
+use crate::reconcile::{reconcile_and_read, Membership, Observation, Outcome, Source, DELETED};
 use crate::workos::{WorkosClient, WorkosError};
 
 type Key = (String, String);
@@ -302,10 +302,7 @@ async fn observe(
 
 async fn apply(app: &AppState, obs: &Observation) -> Result<LoginAnswer, LoginError> {
     let storage = |e: db::DbError| LoginError::StorageUnavailable(e.to_string());
-    let outcome = reconcile(&app.db, obs, app.clock.now())
-        .await
-        .map_err(storage)?;
-    let row = db::memberships::get(app.db.pool(), &obs.organization_id, &obs.user_id)
+    let (outcome, row) = reconcile_and_read(&app.db, obs, app.clock.now())
         .await
         .map_err(storage)?;
     let mut answer = answer_of(&obs.user_id, &obs.organization_id, row.as_ref(), "workos");

@@ -298,32 +298,46 @@ fn audit(
 
 /// Reconciles one observation in its own transaction.
 pub async fn reconcile(db: &Db, obs: &Observation, now: Timestamp) -> Result<Outcome, DbError> {
-    if repeats_what_is_stored(db, obs, now).await? {
-        return Ok(Outcome::Unchanged);
-    }
-    let mut tx = db.begin_write().await?;
-    let outcomes = reconcile_batch(&mut tx, db, &[obs], now).await?;
-    tx.commit().await?;
-    Ok(outcomes[0])
+    Ok(reconcile_and_read(db, obs, now).await?.0)
 }
 
-/// Whether the rules, run against the row as it is now, would write nothing and answer `unchanged`:
-/// then no write transaction (and on SQLite no write lock) is needed, which keeps repeated logins cheap.
-async fn repeats_what_is_stored(
+/// [`reconcile`], also returning the membership's row as stored afterwards.
+pub async fn reconcile_and_read(
     db: &Db,
     obs: &Observation,
     now: Timestamp,
-) -> Result<bool, DbError> {
-    let Some(stored) = db::memberships::get(db.pool(), &obs.organization_id, &obs.user_id).await?
+) -> Result<(Outcome, Option<Membership>), DbError> {
+    if let Some(row) = stored_if_unchanged(db, obs, now).await? {
+        return Ok((Outcome::Unchanged, Some(row)));
+    }
+    let mut tx = db.begin_write().await?;
+    let outcomes = reconcile_batch(&mut tx, db, &[obs], now).await?;
+    let row = db::memberships::get(&mut *tx, &obs.organization_id, &obs.user_id).await?;
+    tx.commit().await?;
+    Ok((outcomes[0], row))
+}
+
+/// The stored row, when the rules, run against it as it is now, would write nothing and answer
+/// `unchanged`: then no write transaction (and on SQLite no write lock) is needed, which keeps
+/// repeated logins cheap. One read: the row and whether the observed role is known.
+async fn stored_if_unchanged(
+    db: &Db,
+    obs: &Observation,
+    now: Timestamp,
+) -> Result<Option<Membership>, DbError> {
+    let Some((stored, role_known)) = db::memberships::get_with_role(
+        db.pool(),
+        &obs.organization_id,
+        &obs.user_id,
+        obs.role_slug.as_deref(),
+    )
+    .await?
     else {
-        return Ok(false);
-    };
-    let role_known = match &obs.role_slug {
-        Some(slug) => db::roles::exists(db.pool(), slug).await?,
-        None => false,
+        return Ok(None);
     };
     let decision = decide(Some(&stored), obs, role_known, None, now);
-    Ok(decision.outcome == Outcome::Unchanged && decision.write.is_none())
+    let unchanged = decision.outcome == Outcome::Unchanged && decision.write.is_none();
+    Ok(unchanged.then_some(stored))
 }
 
 /// Reconciles observations, in order, inside the caller's write transaction (which the caller

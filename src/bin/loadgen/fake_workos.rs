@@ -33,6 +33,8 @@ pub struct Fake {
     pub other: AtomicUsize,
     /// How long each call was actually held (the timer rounds the delay up), microseconds.
     pub held_us: Mutex<Vec<i64>>,
+    /// The hold of the latest call for each bench user, microseconds.
+    pub held_by_user: Mutex<HashMap<usize, i64>>,
 }
 
 impl Fake {
@@ -93,6 +95,12 @@ async fn list(
         .get("user_id")
         .and_then(|u| user_index(u))
         .filter(|&i| query.get("organization_id") == Some(&org_id(i)));
+    if let Some(i) = member {
+        fake.held_by_user
+            .lock()
+            .expect("not poisoned")
+            .insert(i, held);
+    }
     let data = match member {
         Some(i) => vec![membership(i)],
         None => {

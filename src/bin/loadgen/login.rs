@@ -1,5 +1,6 @@
 //! `loadgen login`: rolesync pointed at an in-process stand-in WorkOS that answers after a fixed delay;
-//! two rounds of one login per user. Reports the latency rolesync adds (latency minus the delay) and
+//! two rounds of one login per user. Reports the latency rolesync adds (latency minus the time the
+//! stand-in held that call) and
 //! checks that the first round writes each membership once and the second writes nothing.
 
 use std::collections::BTreeMap;
@@ -78,7 +79,8 @@ impl Logins {
 struct Round {
     elapsed: Duration,
     latency: Latency,
-    /// Latency minus the stand-in's delay: what rolesync adds.
+    /// Latency minus how long the stand-in actually held that login's call (its timer overshoots
+    /// the delay by up to a millisecond): what rolesync, with loopback HTTP, adds.
     added: Latency,
     outcomes: BTreeMap<String, usize>,
     wrong: Vec<String>,
@@ -86,14 +88,15 @@ struct Round {
 }
 
 impl Round {
-    fn of(run: &Run<Reply>, delay: Duration) -> Self {
+    /// `held` gives, for the record's index, how long the stand-in held its call.
+    fn of(run: &Run<Reply>, held: impl Fn(usize) -> Duration) -> Self {
         let mut round = Round {
             elapsed: run.elapsed,
             latency: Latency::of(run.records.iter().map(|r| r.latency)),
             added: Latency::of_micros(
                 run.records
                     .iter()
-                    .map(|r| r.latency.as_micros() as i64 - delay.as_micros() as i64)
+                    .map(|r| r.latency.as_micros() as i64 - held(r.index).as_micros() as i64)
                     .collect(),
             ),
             outcomes: BTreeMap::new(),
@@ -288,12 +291,16 @@ fn login_spec(common: &Common, fake_url: String, token: &str) -> Result<ServerSp
 }
 
 /// Both rounds, each followed by a look at the database.
-async fn two_rounds(args: &LoginArgs, logins: &Arc<Logins>) -> Result<([Round; 2], [DbState; 2])> {
+async fn two_rounds(
+    args: &LoginArgs,
+    logins: &Arc<Logins>,
+    fake: &Fake,
+) -> Result<([Round; 2], [DbState; 2])> {
     let delay = Duration::from_millis(args.delay_ms);
     let db = Db::connect(&args.common.database_url, 2).await?;
-    let first = round(logins, args.common.concurrency, delay).await;
+    let first = round(logins, fake, args.common.concurrency, delay).await;
     let after_first = db_state(&db).await?;
-    let second = round(logins, args.common.concurrency, delay).await;
+    let second = round(logins, fake, args.common.concurrency, delay).await;
     let after_second = db_state(&db).await?;
     db.close().await;
     Ok(([first, second], [after_first, after_second]))
@@ -329,7 +336,7 @@ pub async fn run(args: LoginArgs) -> Result<bool> {
         users,
     });
     send::warm_up(&logins.client, &server.url, args.common.concurrency).await;
-    let (rounds, states) = two_rounds(&args, &logins).await?;
+    let (rounds, states) = two_rounds(&args, &logins, &fake).await?;
     let stats = proc_stats(server.pid())?;
     let ledger = checks(args.memberships, &rounds, &states, &fake);
     let ending = server.stop().await?;
@@ -348,13 +355,18 @@ pub async fn run(args: LoginArgs) -> Result<bool> {
     Ok(report.ledger.ok())
 }
 
-async fn round(logins: &Arc<Logins>, concurrency: usize, delay: Duration) -> Round {
+async fn round(logins: &Arc<Logins>, fake: &Fake, concurrency: usize, delay: Duration) -> Round {
     let target = logins.clone();
     let run = send::closed_loop(logins.users.len(), concurrency, move |k| {
         target.clone().send(k)
     })
     .await;
-    Round::of(&run, delay)
+    let held = fake.held_by_user.lock().expect("not poisoned");
+    Round::of(&run, |k| {
+        let user = logins.users[k];
+        held.get(&user)
+            .map_or(delay, |&us| Duration::from_micros(us as u64))
+    })
 }
 
 struct LoginReport<'a> {
