@@ -101,7 +101,7 @@ pub struct Db {
 /// Pragmas that make an acknowledged SQLite write survive a crash and let readers run beside a writer.
 const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
      PRAGMA busy_timeout = 30000; PRAGMA foreign_keys = ON; PRAGMA cache_size = -8000; \
-     PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 10000;";
+     PRAGMA temp_store = MEMORY;";
 
 impl Db {
     /// Connects to `url` (`sqlite://...`, created if missing, or `postgres://...`).
