@@ -8,11 +8,13 @@ pub mod roles;
 pub mod sync_state;
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
 use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor, Transaction};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
@@ -96,6 +98,39 @@ impl Backend {
 pub struct Db {
     pool: AnyPool,
     backend: Backend,
+    /// SQLite admits one writer at a time; the writers of this process queue here, in order,
+    /// rather than in SQLite's busy handler, which sleeps up to 100 ms between tries.
+    writers: Arc<Mutex<()>>,
+}
+
+/// A write transaction from [`Db::begin_write`]; on SQLite it holds the process's writer turn until
+/// it ends. It derefs to the connection, like a [`Transaction`].
+pub struct WriteTx<'c> {
+    tx: Transaction<'c, Any>,
+    _turn: Option<OwnedMutexGuard<()>>,
+}
+
+impl WriteTx<'_> {
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
+}
+
+impl std::ops::Deref for WriteTx<'_> {
+    type Target = AnyConnection;
+    fn deref(&self) -> &AnyConnection {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTx<'_> {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        &mut self.tx
+    }
 }
 
 /// Pragmas that make an acknowledged SQLite write survive a crash and let readers run beside a writer.
@@ -136,7 +171,11 @@ impl Db {
             })
             .connect_with(options)
             .await?;
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            backend,
+            writers: Arc::default(),
+        })
     }
 
     /// The pool, for reads.
@@ -159,26 +198,36 @@ impl Db {
         Ok(())
     }
 
-    /// Begins a transaction that will write. On SQLite it takes the write lock up front
-    /// (`BEGIN IMMEDIATE`) so that a read-then-write never fails to upgrade.
-    pub async fn begin_write(&self) -> Result<Transaction<'static, Any>, DbError> {
+    /// Begins a transaction that will write. On SQLite it waits for this process's writer turn, then
+    /// takes the database write lock up front (`BEGIN IMMEDIATE`) so that a read-then-write never
+    /// fails to upgrade.
+    pub async fn begin_write(&self) -> Result<WriteTx<'static>, DbError> {
+        let turn = self.writer_turn().await;
         let tx = match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => self.pool.begin().await?,
         };
-        Ok(tx)
+        Ok(WriteTx { tx, _turn: turn })
     }
 
     /// [`Db::begin_write`] on a connection the caller owns.
     pub async fn begin_write_on<'c>(
         &self,
         conn: &'c mut AnyConnection,
-    ) -> Result<Transaction<'c, Any>, DbError> {
+    ) -> Result<WriteTx<'c>, DbError> {
+        let turn = self.writer_turn().await;
         let tx = match self.backend {
             Backend::Sqlite => conn.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => conn.begin().await?,
         };
-        Ok(tx)
+        Ok(WriteTx { tx, _turn: turn })
+    }
+
+    async fn writer_turn(&self) -> Option<OwnedMutexGuard<()>> {
+        match self.backend {
+            Backend::Sqlite => Some(self.writers.clone().lock_owned().await),
+            Backend::Postgres => None,
+        }
     }
 
     /// A connection taken out of the pool for good (the pool may open another in its place), for a

@@ -307,6 +307,21 @@ both! {
         let sixteen = TestDb::with_connections(t.db.backend(), 16).await;
         concurrent_reconciles(&sixteen.db).await;
     }
+
+    async fn a_write_transaction_dropped_or_failed_lets_the_next_writer_in(t) {
+        // On SQLite each write transaction holds the process's writer turn: dropping one
+        // (the path of every error) must hand the turn on, or every later write would hang.
+        let dropped = t.db.begin_write().await.unwrap();
+        drop(dropped);
+        let mut failing = t.db.begin_write().await.unwrap();
+        assert!(sqlx::query("INSERT INTO no_such_table VALUES (1)").execute(&mut *failing).await.is_err());
+        drop(failing);
+        let next = tokio::time::timeout(std::time::Duration::from_secs(30), t.db.begin_write()).await;
+        let mut next = next.expect("the next writer gets its turn").unwrap();
+        rolesync::reconcile::reconcile_batch(&mut next, &t.db, &[&obs(1, Some("admin"), "active", false)], v(2)).await.unwrap();
+        next.commit().await.unwrap();
+        assert_eq!(membership(&t.db, "org_1", "user_1").await.unwrap().role_slug.as_deref(), Some("admin"));
+    }
 }
 
 /// The newest observation decides the final row.
