@@ -323,7 +323,7 @@ pub async fn run(args: LoginArgs) -> Result<bool> {
     }
     let (fake_url, fake) = fake_workos::start(Duration::from_millis(args.delay_ms)).await?;
     let token = format!("bench_{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    let spec = login_spec(&args.common, fake_url, &token)?;
+    let spec = login_spec(&args.common, fake_url.clone(), &token)?;
     spec.migrate()?;
     let server = Server::start(&spec).await?;
     let mut users: Vec<usize> = (0..args.memberships).collect();
@@ -339,6 +339,7 @@ pub async fn run(args: LoginArgs) -> Result<bool> {
     let (rounds, states) = two_rounds(&args, &logins, &fake).await?;
     let stats = proc_stats(server.pid())?;
     let ledger = checks(args.memberships, &rounds, &states, &fake);
+    let harness = direct_round(&logins, &fake_url, &fake, args.common.concurrency).await?;
     let ending = server.stop().await?;
     let held = Latency::of_micros(fake.held_us.lock().expect("not poisoned").clone());
     let env = shown_env(&spec);
@@ -347,12 +348,60 @@ pub async fn run(args: LoginArgs) -> Result<bool> {
         env,
         rounds,
         held,
+        harness,
         stats,
         ending,
         ledger,
     };
     report.print();
     Ok(report.ledger.ok())
+}
+
+/// The harness's own share of "added": the same client calling the stand-in directly (at most 2,000
+/// calls, same concurrency), each latency minus the stand-in's hold of that call.
+async fn direct_round(
+    logins: &Arc<Logins>,
+    fake_url: &str,
+    fake: &Arc<Fake>,
+    concurrency: usize,
+) -> Result<Latency> {
+    let n = logins.users.len().min(2000);
+    let (target, base) = (logins.clone(), fake_url.to_owned());
+    let run = send::closed_loop(n, concurrency, move |k| {
+        let (target, base) = (target.clone(), base.clone());
+        async move {
+            let i = target.users[k];
+            let url = format!(
+                "{base}/user_management/organization_memberships?user_id={}&organization_id={}",
+                user_id(i),
+                org_id(i)
+            );
+            let sent = target
+                .client
+                .get(url)
+                .bearer_auth(fake_workos::API_KEY)
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+                _ => false,
+            }
+        }
+    })
+    .await;
+    if run.records.iter().any(|r| !r.reply) {
+        bail!("a direct call to the stand-in failed");
+    }
+    let held = fake.held_by_user.lock().expect("not poisoned");
+    Ok(Latency::of_micros(
+        run.records
+            .iter()
+            .map(|r| {
+                let hold = held.get(&logins.users[r.index]).copied().unwrap_or(0);
+                r.latency.as_micros() as i64 - hold
+            })
+            .collect(),
+    ))
 }
 
 async fn round(logins: &Arc<Logins>, fake: &Fake, concurrency: usize, delay: Duration) -> Round {
@@ -375,6 +424,8 @@ struct LoginReport<'a> {
     rounds: [Round; 2],
     /// How long the stand-in actually held each call.
     held: Latency,
+    /// The same client calling the stand-in directly: latency minus hold.
+    harness: Latency,
     stats: ProcStats,
     ending: Ending,
     ledger: Ledger,
@@ -436,6 +487,11 @@ impl LoginReport<'_> {
             out,
             "  stand-in    held each call {held} (asked {asked} ms)"
         );
+        let _ = writeln!(
+            out,
+            "  harness     the same client calling the stand-in directly, latency minus hold: {}",
+            self.harness.text()
+        );
         let s = &self.stats;
         let rss = mib(s.peak_rss_kib);
         let _ = writeln!(
@@ -453,6 +509,7 @@ impl LoginReport<'_> {
         let figures = json!({
             "rounds": rounds,
             "stand_in_held": self.held.json(),
+            "harness_added": self.harness.json(),
             "server_peak_rss_mib": mib(self.stats.peak_rss_kib),
             "server_cpu_seconds": self.stats.cpu_secs,
         });
