@@ -386,15 +386,21 @@ fn assert_versions_audited_once(audit: &[rolesync::db::audit::AuditRow]) {
     );
 }
 
-/// Any order of any multiset of observations (distinct versions) ends in the newest state, with a
-/// consistent audit chain and no audit row for a repeated observation.
-fn convergence_property(backend: Backend) {
+/// A runtime for a property test's cases and a fresh database on `backend`.
+fn property_db(backend: Backend) -> (tokio::runtime::Runtime, TestDb) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     let t = rt.block_on(TestDb::new(backend));
+    (rt, t)
+}
+
+/// Any order of any multiset of observations (distinct versions) ends in the newest state, with a
+/// consistent audit chain and no audit row for a repeated observation.
+fn convergence_property(backend: Backend) {
+    let (rt, t) = property_db(backend);
     let observation = (
         prop::sample::select(vec!["admin", "member"]),
         prop::sample::select(vec!["active", "inactive", "pending"]),
@@ -459,12 +465,7 @@ async fn commit_batch(db: &Db, part: &[&Observation]) -> Vec<Outcome> {
 /// outcomes, audit rows and final row as reconciling the deliveries one at a time, stale repeats and
 /// their trail lookups included.
 fn batching_property(backend: Backend) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let t = rt.block_on(TestDb::new(backend));
+    let (rt, t) = property_db(backend);
     let observation = (
         prop::sample::select(vec!["admin", "member", "creator"]),
         prop::sample::select(vec!["active", "inactive"]),
