@@ -135,8 +135,9 @@ impl Committer {
         }
     }
 
-    /// One attempt on the committer's connection; after an error the connection is dropped and the
-    /// next attempt takes a fresh one, so a broken connection is never reused.
+    /// One attempt on the committer's connection (its transaction is rolled back on any error);
+    /// after an error other than a conflict the connection is dropped and the next attempt takes a
+    /// fresh one, so a broken connection is never reused.
     async fn once(&mut self, batch: &[Incoming]) -> Result<Vec<Receipt>, DbError> {
         if self.db.pool().is_closed() {
             self.conn = None;

@@ -200,9 +200,19 @@ pub async fn deliver_batch_on(
     now: Timestamp,
 ) -> Result<Vec<Receipt>, DbError> {
     let mut tx = db.begin_write_on(conn).await?;
-    let receipts = deliver_batch_in(&mut tx, db, batch, now).await?;
-    tx.commit().await?;
-    Ok(receipts)
+    match deliver_batch_in(&mut tx, db, batch, now).await {
+        Ok(receipts) => {
+            tx.commit().await?;
+            Ok(receipts)
+        }
+        Err(e) => {
+            // Roll back now: a dropped transaction only queues its rollback, and the caller's
+            // connection may sit unused (holding its locks) until the next batch.
+            let rollback = tx.rollback();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), rollback).await;
+            Err(e)
+        }
+    }
 }
 
 /// [`deliver_batch`] inside the caller's write transaction, which the caller commits.
