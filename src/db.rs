@@ -82,6 +82,15 @@ impl Backend {
         out
     }
 
+    /// The statement that begins a write transaction: on SQLite it takes the write lock up front
+    /// (`BEGIN IMMEDIATE`) so that a read-then-write never fails to upgrade.
+    fn begin_write_sql(self) -> &'static str {
+        match self {
+            Self::Sqlite => "BEGIN IMMEDIATE",
+            Self::Postgres => "BEGIN",
+        }
+    }
+
     /// The backend of a `sqlite:` or `postgres:`/`postgresql:` URL.
     pub fn of_url(url: &str) -> Option<Self> {
         let scheme = url.split_once(':')?.0;
@@ -203,10 +212,7 @@ impl Db {
     /// fails to upgrade.
     pub async fn begin_write(&self) -> Result<WriteTx<'static>, DbError> {
         let turn = self.writer_turn().await;
-        let tx = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
-        };
+        let tx = self.pool.begin_with(self.backend.begin_write_sql()).await?;
         Ok(WriteTx { tx, _turn: turn })
     }
 
@@ -216,10 +222,7 @@ impl Db {
         conn: &'c mut AnyConnection,
     ) -> Result<WriteTx<'c>, DbError> {
         let turn = self.writer_turn().await;
-        let tx = match self.backend {
-            Backend::Sqlite => conn.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => conn.begin().await?,
-        };
+        let tx = conn.begin_with(self.backend.begin_write_sql()).await?;
         Ok(WriteTx { tx, _turn: turn })
     }
 

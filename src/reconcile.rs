@@ -439,19 +439,19 @@ async fn stored_trails(
     }
     points.sort_unstable();
     points.dedup();
-    let marks = db::audit::as_of_many(&mut *conn, db.backend(), &points).await?;
-    let points = points
+    let mut marks = db::audit::as_of_many(&mut *conn, db.backend(), &points).await?;
+    Ok(points
         .into_iter()
-        .map(|(org, user, version)| (org.to_owned(), user.to_owned(), version))
-        .collect();
-    Ok(StoredTrails { points, marks })
+        .map(|(org, user, version)| {
+            let point = (org.to_owned(), user.to_owned(), version);
+            let mark = marks.remove(&point);
+            (point, mark)
+        })
+        .collect())
 }
 
-/// What [`stored_trails`] read: which points it asked for and the marks found.
-struct StoredTrails {
-    points: HashSet<(String, String, Timestamp)>,
-    marks: HashMap<(String, String, Timestamp), HistoryMark>,
-}
+/// What [`stored_trails`] read: for each point it asked for, the mark found (`None`: no trail).
+type StoredTrails = HashMap<(String, String, Timestamp), Option<HistoryMark>>;
 
 /// The trail as of the observation's version: the stored trail, overtaken by rows this batch is
 /// about to append.
@@ -478,10 +478,10 @@ async fn history_as_of(
         obs.user_id.clone(),
         obs.version,
     );
-    let stored = match trails.points.contains(&point) {
-        true => trails.marks.get(&point).cloned(),
+    let stored = match trails.get(&point) {
+        Some(mark) => mark.clone(),
         // Not foreseen as possibly stale (it cannot happen, but a read is always right).
-        false => db::audit::as_of(conn, &obs.organization_id, &obs.user_id, obs.version).await?,
+        None => db::audit::as_of(conn, &obs.organization_id, &obs.user_id, obs.version).await?,
     };
     Ok(match (stored, in_batch) {
         (Some(s), Some(b)) if s.version > b.version => Some(s),

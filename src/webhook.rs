@@ -168,6 +168,14 @@ impl Incoming {
         })
     }
 
+    /// The observation of a membership event; `None` for any other delivery.
+    fn observation(&self) -> Option<&Observation> {
+        match &self.kind {
+            EventKind::Membership(obs) => Some(obs),
+            _ => None,
+        }
+    }
+
     /// The outcome of a delivery that needs no reconcile.
     fn settled_outcome(&self) -> &'static str {
         match self.kind {
@@ -228,10 +236,7 @@ pub async fn deliver_batch_in(
     // committed and its event id is visible here.
     let all: Vec<&Observation> = first
         .iter()
-        .filter_map(|&i| match &batch[i].kind {
-            EventKind::Membership(obs) => Some(obs),
-            _ => None,
-        })
+        .filter_map(|&i| batch[i].observation())
         .collect();
     reconcile::lock_memberships_of(&mut *conn, db, &all).await?;
     let ids: Vec<&str> = first.iter().map(|&i| batch[i].event_id.as_str()).collect();
@@ -242,10 +247,7 @@ pub async fn deliver_batch_in(
         .collect();
     let members: Vec<(usize, &Observation)> = fresh
         .iter()
-        .filter_map(|&i| match &batch[i].kind {
-            EventKind::Membership(obs) => Some((i, obs)),
-            _ => None,
-        })
+        .filter_map(|&i| Some((i, batch[i].observation()?)))
         .collect();
     let observations: Vec<&Observation> = members.iter().map(|(_, o)| *o).collect();
     let outcomes = reconcile::reconcile_locked(&mut *conn, db, &observations, now).await?;
