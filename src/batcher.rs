@@ -8,10 +8,11 @@ use std::time::Duration;
 use sqlx::AnyConnection;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
+use crate::db::sqlite_writer::SqliteWriter;
 use crate::db::{Backend, Db, DbError};
 use crate::metrics::Metrics;
 use crate::timestamp::SharedClock;
-use crate::webhook::{deliver_batch_on, Incoming, Receipt};
+use crate::webhook::{deliver_batch_on, deliver_batch_sqlite, Incoming, Receipt};
 
 /// Most deliveries committed together.
 pub const MAX_BATCH: usize = 256;
@@ -39,7 +40,7 @@ impl Batcher {
                 db: db.clone(),
                 clock: clock.clone(),
                 metrics: metrics.clone(),
-                conn: None,
+                link: None,
             };
             let queue = queue.clone();
             if db.backend() == Backend::Sqlite {
@@ -78,7 +79,13 @@ struct Committer {
     db: Db,
     clock: SharedClock,
     metrics: Arc<Metrics>,
-    conn: Option<AnyConnection>,
+    link: Option<Link>,
+}
+
+/// A committer's connection: the SQLite writer on a SQLite file, else a sqlx connection.
+enum Link {
+    Sqlite(SqliteWriter),
+    Sqlx(AnyConnection),
 }
 
 async fn work(mut committer: Committer, queue: Arc<Mutex<mpsc::Receiver<Job>>>) {
@@ -140,19 +147,29 @@ impl Committer {
     /// fresh one, so a broken connection is never reused.
     async fn once(&mut self, batch: &[Incoming]) -> Result<Vec<Receipt>, DbError> {
         if self.db.pool().is_closed() {
-            self.conn = None;
+            self.link = None;
             return Err(DbError::Unavailable("the database pool is closed".into()));
         }
-        let conn = match &mut self.conn {
-            Some(conn) => conn,
-            None => self.conn.insert(self.db.dedicated().await?),
+        let link = match &mut self.link {
+            Some(link) => link,
+            None => {
+                let link = match self.db.sqlite_writer()? {
+                    Some(writer) => Link::Sqlite(writer),
+                    None => Link::Sqlx(self.db.dedicated().await?),
+                };
+                self.link.insert(link)
+            }
         };
-        let result = deliver_batch_on(conn, &self.db, batch, self.clock.now()).await;
+        let now = self.clock.now();
+        let result = match link {
+            Link::Sqlite(writer) => deliver_batch_sqlite(writer, &self.db, batch, now).await,
+            Link::Sqlx(conn) => deliver_batch_on(conn, &self.db, batch, now).await,
+        };
         if result
             .as_ref()
             .is_err_and(|e| !matches!(e, DbError::Conflict))
         {
-            self.conn = None;
+            self.link = None;
         }
         result
     }

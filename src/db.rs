@@ -5,8 +5,11 @@ pub mod audit;
 pub mod inbox;
 pub mod memberships;
 pub mod roles;
+pub mod sqlite_writer;
+pub mod store;
 pub mod sync_state;
 
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +30,8 @@ pub type Key = (String, String);
 pub enum DbError {
     #[error(transparent)]
     Sqlx(#[from] sqlx::Error),
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
     #[error("migration error: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
@@ -40,6 +45,12 @@ impl DbError {
     pub fn is_transient(&self) -> bool {
         if matches!(self, Self::Conflict) {
             return true;
+        }
+        if let Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) = self {
+            return matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            );
         }
         let Self::Sqlx(sqlx::Error::Database(e)) = self else {
             return false;
@@ -110,6 +121,8 @@ pub struct Db {
     /// SQLite admits one writer at a time; the writers of this process queue here, in order,
     /// rather than in SQLite's busy handler, which sleeps up to 100 ms between tries.
     writers: Arc<Mutex<()>>,
+    /// The SQLite database file, for [`Db::sqlite_writer`]; `None` on PostgreSQL or in memory.
+    sqlite_file: Option<Arc<Path>>,
 }
 
 /// A write transaction from [`Db::begin_write`]; on SQLite it holds the process's writer turn until
@@ -160,6 +173,10 @@ impl Db {
             }
             _ => url.to_owned(),
         };
+        let sqlite_file = match backend {
+            Backend::Sqlite => sqlite_writer::file_of_url(&url)?.map(Arc::from),
+            Backend::Postgres => None,
+        };
         let options = AnyConnectOptions::from_str(&url)?;
         // One direct connection first, so that an unreachable server reports its real cause
         // rather than a pool timeout.
@@ -184,6 +201,7 @@ impl Db {
             pool,
             backend,
             writers: Arc::default(),
+            sqlite_file,
         })
     }
 
@@ -226,7 +244,17 @@ impl Db {
         Ok(WriteTx { tx, _turn: turn })
     }
 
-    async fn writer_turn(&self) -> Option<OwnedMutexGuard<()>> {
+    /// A connection of its own for the SQLite group-commit writer; `None` on PostgreSQL or for an
+    /// in-memory database (whose writes then take the sqlx path).
+    pub fn sqlite_writer(&self) -> Result<Option<sqlite_writer::SqliteWriter>, DbError> {
+        self.sqlite_file
+            .as_deref()
+            .map(sqlite_writer::SqliteWriter::open)
+            .transpose()
+    }
+
+    /// This process's turn to write (SQLite); `None` on PostgreSQL, whose writers run side by side.
+    pub async fn writer_turn(&self) -> Option<OwnedMutexGuard<()>> {
         match self.backend {
             Backend::Sqlite => Some(self.writers.clone().lock_owned().await),
             Backend::Postgres => None,

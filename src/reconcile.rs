@@ -3,8 +3,9 @@
 use serde::Serialize;
 use sqlx::AnyConnection;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
+use crate::db::store::{BatchStore, SqlxStore};
 use crate::db::{self, Db, DbError, Key};
 use crate::timestamp::Timestamp;
 
@@ -349,19 +350,28 @@ pub async fn reconcile_batch(
     observations: &[&Observation],
     now: Timestamp,
 ) -> Result<Vec<Outcome>, DbError> {
-    lock_memberships_of(&mut *conn, db, observations).await?;
-    reconcile_locked(conn, db, observations, now).await
+    reconcile_in(&mut SqlxStore { conn, db }, observations, now).await
+}
+
+/// [`reconcile_batch`] in any [`BatchStore`]'s transaction: takes the locks, then reconciles.
+pub async fn reconcile_in<S: BatchStore>(
+    store: &mut S,
+    observations: &[&Observation],
+    now: Timestamp,
+) -> Result<Vec<Outcome>, DbError> {
+    lock_memberships_of(store, observations).await?;
+    reconcile_locked(store, observations, now).await
 }
 
 /// Takes the lock of every membership these observations touch, until the transaction ends (one
 /// statement on PostgreSQL; on SQLite the write transaction already excludes other writers).
-pub async fn lock_memberships_of(
-    conn: &mut AnyConnection,
-    db: &Db,
+pub async fn lock_memberships_of<S: BatchStore>(
+    store: &mut S,
     observations: &[&Observation],
 ) -> Result<(), DbError> {
     let keys = sorted_keys(observations);
-    db.lock_memberships(conn, &keys.iter().collect::<Vec<_>>())
+    store
+        .lock_memberships(&keys.iter().collect::<Vec<_>>())
         .await
 }
 
@@ -372,19 +382,18 @@ fn sorted_keys(observations: &[&Observation]) -> Vec<Key> {
     keys
 }
 
-/// [`reconcile_batch`] for a caller that already holds, through [`lock_memberships_of`], the lock of
-/// every membership the observations touch.
-pub async fn reconcile_locked(
-    conn: &mut AnyConnection,
-    db: &Db,
+/// [`reconcile_batch`] in any [`BatchStore`] whose transaction already holds, through
+/// [`lock_memberships_of`], the lock of every membership the observations touch.
+pub async fn reconcile_locked<S: BatchStore>(
+    store: &mut S,
     observations: &[&Observation],
     now: Timestamp,
 ) -> Result<Vec<Outcome>, DbError> {
     let keys = sorted_keys(observations);
     let key_refs: Vec<&Key> = keys.iter().collect();
-    let mut rows = db::memberships::get_many(&mut *conn, db.backend(), &key_refs).await?;
-    let known: HashSet<String> = db::roles::list(&mut *conn).await?.into_iter().collect();
-    let trails = stored_trails(&mut *conn, db, &rows, observations).await?;
+    let mut rows = store.memberships(&key_refs).await?;
+    let known = store.roles().await?;
+    let trails = stored_trails(store, &rows, observations).await?;
     let mut written: BTreeMap<Key, Membership> = BTreeMap::new();
     let mut audits: Vec<AuditEntry> = Vec::new();
     let mut outcomes = Vec::with_capacity(observations.len());
@@ -392,7 +401,7 @@ pub async fn reconcile_locked(
         let key = key_of(obs);
         let stored = rows.get(&key);
         let history = match is_stale(stored, obs) {
-            true => history_as_of(&mut *conn, &trails, &audits, obs).await?,
+            true => history_as_of(store, &trails, &audits, obs).await?,
             false => None,
         };
         let role_known = obs.role_slug.as_ref().is_some_and(|s| known.contains(s));
@@ -404,13 +413,10 @@ pub async fn reconcile_locked(
         audits.extend(decision.audit);
         outcomes.push(decision.outcome);
     }
-    db::memberships::upsert_many(
-        &mut *conn,
-        db.backend(),
-        &written.values().collect::<Vec<_>>(),
-    )
-    .await?;
-    db::audit::insert_many(&mut *conn, db.backend(), &audits).await?;
+    store
+        .upsert_memberships(&written.values().collect::<Vec<_>>())
+        .await?;
+    store.append_audit(&audits).await?;
     Ok(outcomes)
 }
 
@@ -420,9 +426,8 @@ fn key_of(obs: &Observation) -> Key {
 
 /// The stored trails as of each observation that may turn out stale (older than or as old as a
 /// version stored or seen earlier in the batch), read in one statement before the batch writes.
-async fn stored_trails(
-    conn: &mut AnyConnection,
-    db: &Db,
+async fn stored_trails<S: BatchStore>(
+    store: &mut S,
     rows: &HashMap<Key, Membership>,
     observations: &[&Observation],
 ) -> Result<StoredTrails, DbError> {
@@ -439,7 +444,7 @@ async fn stored_trails(
     }
     points.sort_unstable();
     points.dedup();
-    let mut marks = db::audit::as_of_many(&mut *conn, db.backend(), &points).await?;
+    let mut marks = store.trails(&points).await?;
     Ok(points
         .into_iter()
         .map(|(org, user, version)| {
@@ -455,8 +460,8 @@ type StoredTrails = HashMap<(String, String, Timestamp), Option<HistoryMark>>;
 
 /// The trail as of the observation's version: the stored trail, overtaken by rows this batch is
 /// about to append.
-async fn history_as_of(
-    conn: &mut AnyConnection,
+async fn history_as_of<S: BatchStore>(
+    store: &mut S,
     trails: &StoredTrails,
     pending: &[AuditEntry],
     obs: &Observation,
@@ -481,7 +486,14 @@ async fn history_as_of(
     let stored = match trails.get(&point) {
         Some(mark) => mark.clone(),
         // Not foreseen as possibly stale (it cannot happen, but a read is always right).
-        None => db::audit::as_of(conn, &obs.organization_id, &obs.user_id, obs.version).await?,
+        None => {
+            let asked = (
+                obs.organization_id.as_str(),
+                obs.user_id.as_str(),
+                obs.version,
+            );
+            store.trails(&[asked]).await?.remove(&point)
+        }
     };
     Ok(match (stored, in_batch) {
         (Some(s), Some(b)) if s.version > b.version => Some(s),

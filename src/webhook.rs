@@ -18,7 +18,9 @@ use std::collections::HashMap;
 use crate::db::inbox::InboxRow;
 use sqlx::AnyConnection;
 
-use crate::db::{self, Db, DbError};
+use crate::db::sqlite_writer::SqliteWriter;
+use crate::db::store::{BatchStore, SqlxStore};
+use crate::db::{Db, DbError};
 use crate::error::AppError;
 use crate::metrics::{PositionLabel, ReasonLabel};
 use crate::reconcile::{self, Observation, Source};
@@ -188,19 +190,23 @@ impl Incoming {
 
 /// Stores deliveries in the inbox and reconciles the membership events among them, in one
 /// transaction. An event id already stored (or earlier in the same batch) is a `duplicate` and
-/// changes nothing. Receipts come back in input order.
+/// changes nothing. Receipts come back in input order. On a SQLite file this opens a
+/// [`SqliteWriter`] for the call, as the group-commit worker keeps one.
 pub async fn deliver_batch(
     db: &Db,
     batch: &[Incoming],
     now: Timestamp,
 ) -> Result<Vec<Receipt>, DbError> {
+    if let Some(mut writer) = db.sqlite_writer()? {
+        return deliver_batch_sqlite(&mut writer, db, batch, now).await;
+    }
     let mut tx = db.begin_write().await?;
     let receipts = deliver_batch_in(&mut tx, db, batch, now).await?;
     tx.commit().await?;
     Ok(receipts)
 }
 
-/// [`deliver_batch`] on a connection the caller keeps (the group-commit workers' own).
+/// [`deliver_batch`] on a connection the caller keeps (the PostgreSQL group-commit workers' own).
 pub async fn deliver_batch_on(
     conn: &mut AnyConnection,
     db: &Db,
@@ -223,10 +229,39 @@ pub async fn deliver_batch_on(
     }
 }
 
-/// [`deliver_batch`] inside the caller's write transaction, which the caller commits.
+/// [`deliver_batch`] on the SQLite writer the caller keeps (the SQLite group-commit worker's own),
+/// in this process's writer turn.
+pub async fn deliver_batch_sqlite(
+    writer: &mut SqliteWriter,
+    db: &Db,
+    batch: &[Incoming],
+    now: Timestamp,
+) -> Result<Vec<Receipt>, DbError> {
+    let _turn = db.writer_turn().await;
+    let result = match writer.begin() {
+        Ok(mut store) => deliver_into(&mut store, batch, now).await,
+        Err(e) => Err(e),
+    };
+    let result = result.and_then(|receipts| writer.commit().map(|()| receipts));
+    if result.is_err() {
+        let _ = writer.rollback();
+    }
+    result
+}
+
+/// [`deliver_batch`] inside the caller's sqlx write transaction, which the caller commits.
 pub async fn deliver_batch_in(
     conn: &mut AnyConnection,
     db: &Db,
+    batch: &[Incoming],
+    now: Timestamp,
+) -> Result<Vec<Receipt>, DbError> {
+    deliver_into(&mut SqlxStore { conn, db }, batch, now).await
+}
+
+/// [`deliver_batch`] inside any [`BatchStore`]'s transaction.
+async fn deliver_into<S: BatchStore>(
+    store: &mut S,
     batch: &[Incoming],
     now: Timestamp,
 ) -> Result<Vec<Receipt>, DbError> {
@@ -238,9 +273,9 @@ pub async fn deliver_batch_in(
         .iter()
         .filter_map(|&i| batch[i].observation())
         .collect();
-    reconcile::lock_memberships_of(&mut *conn, db, &all).await?;
+    reconcile::lock_memberships_of(store, &all).await?;
     let ids: Vec<&str> = first.iter().map(|&i| batch[i].event_id.as_str()).collect();
-    let known = db::inbox::existing(&mut *conn, db.backend(), &ids).await?;
+    let known = store.known_events(&ids).await?;
     let fresh: Vec<usize> = first
         .into_iter()
         .filter(|&i| !known.contains(&batch[i].event_id))
@@ -250,7 +285,7 @@ pub async fn deliver_batch_in(
         .filter_map(|&i| Some((i, batch[i].observation()?)))
         .collect();
     let observations: Vec<&Observation> = members.iter().map(|(_, o)| *o).collect();
-    let outcomes = reconcile::reconcile_locked(&mut *conn, db, &observations, now).await?;
+    let outcomes = reconcile::reconcile_locked(store, &observations, now).await?;
     let mut answers: HashMap<usize, &str> = fresh
         .iter()
         .map(|&i| (i, batch[i].settled_outcome()))
@@ -270,7 +305,7 @@ pub async fn deliver_batch_in(
             outcome: answers[&i],
         })
         .collect();
-    let inserted = db::inbox::insert_many(&mut *conn, db.backend(), &rows, now).await?;
+    let inserted = store.insert_events(&rows, now).await?;
     if inserted != rows.len() as u64 {
         // Another transaction (another replica) stored one of these ids since the read above.
         return Err(DbError::Conflict);

@@ -29,6 +29,16 @@ pub struct AuditRow {
     pub version: String,
 }
 
+/// The insert of audit rows, up to its VALUES list of 14 columns.
+pub(super) const INSERT: &str = "INSERT INTO role_audit (recorded_at, organization_id, user_id, \
+     membership_id, source, event_id, workos_role_slug, old_role, new_role, old_status, new_status, \
+     outcome, detail, version) VALUES";
+
+/// [`as_of`]'s statement.
+pub(super) const AS_OF: &str = "SELECT version, workos_role_slug, new_status FROM role_audit \
+     WHERE organization_id = $1 AND user_id = $2 AND version <= $3 AND (outcome <> 'stale' OR version = $3) \
+     ORDER BY version DESC, id DESC LIMIT 1";
+
 /// Appends rows in order (ids ascend in slice order).
 pub async fn insert_many<'c>(
     conn: impl Executor<'c, Database = Any>,
@@ -38,11 +48,7 @@ pub async fn insert_many<'c>(
     if entries.is_empty() {
         return Ok(());
     }
-    let sql = format!(
-        "INSERT INTO role_audit (recorded_at, organization_id, user_id, membership_id, source, event_id, \
-         workos_role_slug, old_role, new_role, old_status, new_status, outcome, detail, version) VALUES {}",
-        backend.values_list(entries.len(), 14)
-    );
+    let sql = format!("{INSERT} {}", backend.values_list(entries.len(), 14));
     let mut query = sqlx::query(&sql);
     for e in entries {
         query = query
@@ -93,16 +99,12 @@ pub async fn as_of<'c>(
     user_id: &str,
     version: Timestamp,
 ) -> Result<Option<HistoryMark>, DbError> {
-    Ok(sqlx::query_as(
-        "SELECT version, workos_role_slug, new_status FROM role_audit \
-         WHERE organization_id = $1 AND user_id = $2 AND version <= $3 AND (outcome <> 'stale' OR version = $3) \
-         ORDER BY version DESC, id DESC LIMIT 1",
-    )
-    .bind(organization_id)
-    .bind(user_id)
-    .bind(version.to_string())
-    .fetch_optional(conn)
-    .await?)
+    Ok(sqlx::query_as(AS_OF)
+        .bind(organization_id)
+        .bind(user_id)
+        .bind(version.to_string())
+        .fetch_optional(conn)
+        .await?)
 }
 
 /// [`as_of`] for several `(organization_id, user_id, version)` at once, in one statement; a point with

@@ -16,6 +16,10 @@ pub struct InboxRow<'a> {
     pub outcome: &'a str,
 }
 
+/// The insert of deliveries, up to its VALUES list of 5 columns.
+pub(super) const INSERT: &str =
+    "INSERT INTO webhook_events (event_id, event_type, payload, outcome, received_at) VALUES";
+
 /// Records deliveries (event ids distinct); returns how many were new, the others being duplicates.
 pub async fn insert_many<'c>(
     conn: impl Executor<'c, Database = Any>,
@@ -27,8 +31,7 @@ pub async fn insert_many<'c>(
         return Ok(0);
     }
     let sql = format!(
-        "INSERT INTO webhook_events (event_id, event_type, payload, outcome, received_at) VALUES {} \
-         ON CONFLICT (event_id) DO NOTHING",
+        "{INSERT} {} ON CONFLICT (event_id) DO NOTHING",
         backend.values_list(rows.len(), 5)
     );
     let received_at = received_at.to_string();

@@ -9,7 +9,13 @@ use crate::reconcile::Membership;
 
 /// The same columns, qualified for a join on `m`.
 const PREFIXED_COLUMNS: &str = "m.organization_id, m.user_id, m.membership_id, m.role_slug, m.workos_role_slug, m.status, m.version, m.updated_at";
-const COLUMNS: &str = "organization_id, user_id, membership_id, role_slug, workos_role_slug, status, version, updated_at";
+pub(super) const COLUMNS: &str = "organization_id, user_id, membership_id, role_slug, workos_role_slug, status, version, updated_at";
+
+/// What an upsert of a row does to a stored one: replace every column but the key.
+pub(super) const UPSERT_CONFLICT: &str = "ON CONFLICT (organization_id, user_id) DO UPDATE SET \
+     membership_id = excluded.membership_id, role_slug = excluded.role_slug, \
+     workos_role_slug = excluded.workos_role_slug, status = excluded.status, \
+     version = excluded.version, updated_at = excluded.updated_at";
 
 /// The stored row of one membership.
 pub async fn get<'c>(
@@ -103,11 +109,7 @@ pub async fn upsert_many<'c>(
         return Ok(());
     }
     let sql = format!(
-        "INSERT INTO memberships ({COLUMNS}) VALUES {} \
-         ON CONFLICT (organization_id, user_id) DO UPDATE SET \
-         membership_id = excluded.membership_id, role_slug = excluded.role_slug, \
-         workos_role_slug = excluded.workos_role_slug, status = excluded.status, \
-         version = excluded.version, updated_at = excluded.updated_at",
+        "INSERT INTO memberships ({COLUMNS}) VALUES {} {UPSERT_CONFLICT}",
         backend.values_list(rows.len(), 8)
     );
     let mut query = sqlx::query(&sql);

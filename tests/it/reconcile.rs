@@ -461,10 +461,29 @@ async fn commit_batch(db: &Db, part: &[&Observation]) -> Vec<Outcome> {
     outcomes
 }
 
+/// [`commit_batch`] through the SQLite group-commit writer (rusqlite, one statement per row).
+async fn commit_batch_on_writer(db: &Db, part: &[&Observation]) -> Vec<Outcome> {
+    let mut writer = db.sqlite_writer().unwrap().expect("a SQLite file");
+    let _turn = db.writer_turn().await;
+    let mut store = writer.begin().unwrap();
+    let outcomes = rolesync::reconcile::reconcile_in(&mut store, part, v(100))
+        .await
+        .unwrap();
+    writer.commit().unwrap();
+    outcomes
+}
+
+/// Which implementation commits the batches of [`batching_property`].
+#[derive(Clone, Copy)]
+enum Batches {
+    Sqlx,
+    SqliteWriter,
+}
+
 /// Any split of a delivery sequence into batches (as group commit makes them) gives the same
-/// outcomes, audit rows and final row as reconciling the deliveries one at a time, stale repeats and
-/// their trail lookups included.
-fn batching_property(backend: Backend) {
+/// outcomes, audit rows and final row as reconciling the deliveries one at a time (through sqlx),
+/// stale repeats and their trail lookups included.
+fn batching_property(backend: Backend, batches: Batches) {
     let (rt, t) = property_db(backend);
     let observation = (
         prop::sample::select(vec!["admin", "member", "creator"]),
@@ -502,7 +521,11 @@ fn batching_property(backend: Backend) {
             for (i, o) in in_batches.iter().enumerate() {
                 part.push(o);
                 if cuts[i] || i + 1 == in_batches.len() {
-                    got.extend(commit_batch(&t.db, &std::mem::take(&mut part)).await);
+                    let part = std::mem::take(&mut part);
+                    got.extend(match batches {
+                        Batches::Sqlx => commit_batch(&t.db, &part).await,
+                        Batches::SqliteWriter => commit_batch_on_writer(&t.db, &part).await,
+                    });
                 }
             }
             prop_assert_eq!(&got, &expected, "outcomes");
@@ -524,10 +547,15 @@ fn batching_property(backend: Backend) {
 
 #[test]
 fn any_split_into_batches_matches_one_at_a_time_on_sqlite() {
-    batching_property(Backend::Sqlite);
+    batching_property(Backend::Sqlite, Batches::Sqlx);
 }
 
 #[test]
 fn any_split_into_batches_matches_one_at_a_time_on_postgres() {
-    batching_property(Backend::Postgres);
+    batching_property(Backend::Postgres, Batches::Sqlx);
+}
+
+#[test]
+fn any_split_into_batches_on_the_sqlite_writer_matches_one_at_a_time_through_sqlx() {
+    batching_property(Backend::Sqlite, Batches::SqliteWriter);
 }

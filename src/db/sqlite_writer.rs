@@ -1,0 +1,241 @@
+//! The SQLite group-commit writer: a connection of its own that runs a batch's statements on the
+//! calling thread (the committer's), one cached prepared statement per row.
+//!
+//! sqlx runs each SQLite statement on a worker thread of its connection and hands arguments and rows
+//! across threads; a batch made about eight such round trips, each waiting for that thread to get a
+//! core, and the writer is the one serial part of the service. Here a statement costs what SQLite
+//! itself spends on it. Everything else (reads, logins, migrations) stays on sqlx.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
+
+use rusqlite::types::Type;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row};
+
+use super::inbox::InboxRow;
+use super::store::{BatchStore, TrailPoint};
+use super::{audit, inbox, memberships, Backend, DbError, Key, SQLITE_PRAGMAS};
+use crate::reconcile::{AuditEntry, HistoryMark, Membership};
+use crate::timestamp::Timestamp;
+
+/// Prepared statements kept per connection: every statement the writer runs has one fixed text.
+const STATEMENT_CACHE: usize = 16;
+
+static GET_MEMBERSHIP: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM memberships WHERE organization_id = ?1 AND user_id = ?2",
+        memberships::COLUMNS
+    )
+});
+static UPSERT_MEMBERSHIP: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO memberships ({}) VALUES {} {}",
+        memberships::COLUMNS,
+        Backend::Sqlite.values_list(1, 8),
+        memberships::UPSERT_CONFLICT
+    )
+});
+static INSERT_AUDIT: LazyLock<String> =
+    LazyLock::new(|| format!("{} {}", audit::INSERT, Backend::Sqlite.values_list(1, 14)));
+static INSERT_EVENT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{} {} ON CONFLICT (event_id) DO NOTHING",
+        inbox::INSERT,
+        Backend::Sqlite.values_list(1, 5)
+    )
+});
+
+/// One connection to the database file, for write transactions of the group-commit worker.
+pub struct SqliteWriter {
+    conn: Connection,
+}
+
+impl SqliteWriter {
+    /// Opens `file` (which [`super::Db::connect`] has created and migrated) with the pool's pragmas.
+    pub fn open(file: &Path) -> Result<Self, DbError> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(file, flags)?;
+        conn.execute_batch(SQLITE_PRAGMAS)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        Ok(Self { conn })
+    }
+
+    /// Begins a write transaction that takes the write lock up front (`BEGIN IMMEDIATE`), after
+    /// rolling back one an interrupted batch may have left open. The caller holds the writer turn.
+    pub fn begin(&mut self) -> Result<SqliteStore<'_>, DbError> {
+        if !self.conn.is_autocommit() {
+            self.conn.execute_batch("ROLLBACK")?;
+        }
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        Ok(SqliteStore {
+            conn: &mut self.conn,
+        })
+    }
+
+    pub fn commit(&mut self) -> Result<(), DbError> {
+        Ok(self.conn.execute_batch("COMMIT")?)
+    }
+
+    /// Rolls back the open transaction, if any.
+    pub fn rollback(&mut self) -> Result<(), DbError> {
+        if !self.conn.is_autocommit() {
+            self.conn.execute_batch("ROLLBACK")?;
+        }
+        Ok(())
+    }
+}
+
+/// The database file a `sqlite:` URL names; `None` for an in-memory database.
+pub fn file_of_url(url: &str) -> Result<Option<PathBuf>, DbError> {
+    use std::str::FromStr;
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
+    let file = options.get_filename();
+    let in_memory =
+        file.as_os_str().is_empty() || file == Path::new(":memory:") || url.contains("mode=memory");
+    Ok((!in_memory).then(|| file.to_path_buf()))
+}
+
+/// [`BatchStore`] inside a [`SqliteWriter`] transaction.
+pub struct SqliteStore<'a> {
+    conn: &'a mut Connection,
+}
+
+fn timestamp(row: &Row<'_>, column: usize) -> rusqlite::Result<Timestamp> {
+    let text: String = row.get(column)?;
+    Timestamp::try_from(text)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(column, Type::Text, e.into()))
+}
+
+fn membership(row: &Row<'_>) -> rusqlite::Result<Membership> {
+    Ok(Membership {
+        organization_id: row.get(0)?,
+        user_id: row.get(1)?,
+        membership_id: row.get(2)?,
+        role_slug: row.get(3)?,
+        workos_role_slug: row.get(4)?,
+        status: row.get(5)?,
+        version: timestamp(row, 6)?,
+        updated_at: timestamp(row, 7)?,
+    })
+}
+
+impl BatchStore for SqliteStore<'_> {
+    async fn lock_memberships(&mut self, _keys: &[&Key]) -> Result<(), DbError> {
+        // BEGIN IMMEDIATE holds the database's one write lock.
+        Ok(())
+    }
+
+    async fn known_events(&mut self, ids: &[&str]) -> Result<HashSet<String>, DbError> {
+        let mut statement = self
+            .conn
+            .prepare_cached("SELECT 1 FROM webhook_events WHERE event_id = ?1")?;
+        let mut known = HashSet::new();
+        for id in ids {
+            if statement.exists([id])? {
+                known.insert((*id).to_owned());
+            }
+        }
+        Ok(known)
+    }
+
+    async fn memberships(&mut self, keys: &[&Key]) -> Result<HashMap<Key, Membership>, DbError> {
+        let mut statement = self.conn.prepare_cached(&GET_MEMBERSHIP)?;
+        let mut rows = HashMap::with_capacity(keys.len());
+        for (org, user) in keys {
+            if let Some(row) = statement.query_row([org, user], membership).optional()? {
+                rows.insert((org.clone(), user.clone()), row);
+            }
+        }
+        Ok(rows)
+    }
+
+    async fn roles(&mut self) -> Result<HashSet<String>, DbError> {
+        let mut statement = self.conn.prepare_cached("SELECT slug FROM roles")?;
+        let slugs = statement.query_map([], |row| row.get(0))?;
+        Ok(slugs.collect::<Result<_, _>>()?)
+    }
+
+    async fn trails(
+        &mut self,
+        points: &[TrailPoint<'_>],
+    ) -> Result<HashMap<(String, String, Timestamp), HistoryMark>, DbError> {
+        let mut statement = self.conn.prepare_cached(audit::AS_OF)?;
+        let mut marks = HashMap::with_capacity(points.len());
+        for (org, user, version) in points {
+            let mark = statement
+                .query_row(rusqlite::params![org, user, version.to_string()], |row| {
+                    Ok(HistoryMark {
+                        version: timestamp(row, 0)?,
+                        workos_role_slug: row.get(1)?,
+                        new_status: row.get(2)?,
+                    })
+                })
+                .optional()?;
+            if let Some(mark) = mark {
+                marks.insert(((*org).to_owned(), (*user).to_owned(), *version), mark);
+            }
+        }
+        Ok(marks)
+    }
+
+    async fn upsert_memberships(&mut self, rows: &[&Membership]) -> Result<(), DbError> {
+        let mut statement = self.conn.prepare_cached(&UPSERT_MEMBERSHIP)?;
+        for row in rows {
+            statement.execute(rusqlite::params![
+                row.organization_id,
+                row.user_id,
+                row.membership_id,
+                row.role_slug,
+                row.workos_role_slug,
+                row.status,
+                row.version.to_string(),
+                row.updated_at.to_string(),
+            ])?;
+        }
+        Ok(())
+    }
+
+    async fn append_audit(&mut self, entries: &[AuditEntry]) -> Result<(), DbError> {
+        let mut statement = self.conn.prepare_cached(&INSERT_AUDIT)?;
+        for e in entries {
+            statement.execute(rusqlite::params![
+                e.recorded_at.to_string(),
+                e.organization_id,
+                e.user_id,
+                e.membership_id,
+                e.source.as_str(),
+                e.event_id,
+                e.workos_role_slug,
+                e.old_role,
+                e.new_role,
+                e.old_status,
+                e.new_status,
+                e.outcome.as_str(),
+                e.detail,
+                e.version.to_string(),
+            ])?;
+        }
+        Ok(())
+    }
+
+    async fn insert_events(
+        &mut self,
+        rows: &[InboxRow<'_>],
+        received_at: Timestamp,
+    ) -> Result<u64, DbError> {
+        let mut statement = self.conn.prepare_cached(&INSERT_EVENT)?;
+        let received_at = received_at.to_string();
+        let mut inserted = 0;
+        for row in rows {
+            inserted += statement.execute(rusqlite::params![
+                row.event_id,
+                row.event_type,
+                row.payload,
+                row.outcome,
+                received_at,
+            ])? as u64;
+        }
+        Ok(inserted)
+    }
+}

@@ -1,0 +1,92 @@
+//! The statements of a batch write, behind one interface, so that the reconcile rules and the
+//! webhook batch run unchanged on every way rolesync talks to its database: sqlx (both backends) and
+//! the SQLite group-commit writer ([`super::sqlite_writer`]).
+
+use std::collections::{HashMap, HashSet};
+
+use sqlx::AnyConnection;
+
+use super::inbox::InboxRow;
+use super::{audit, inbox, memberships, roles, Db, DbError, Key};
+use crate::reconcile::{AuditEntry, HistoryMark, Membership};
+use crate::timestamp::Timestamp;
+
+/// A point of a membership's audit trail: (organization_id, user_id, as of version).
+pub type TrailPoint<'a> = (&'a str, &'a str, Timestamp);
+
+/// Reads and writes inside one write transaction that the caller begins and ends.
+// Every implementation is used where its concrete type is known, so the futures' auto traits
+// (Send for the PostgreSQL committers) are inferred there.
+#[allow(async_fn_in_trait)]
+pub trait BatchStore {
+    /// Locks these memberships (sorted, distinct) until the transaction ends.
+    async fn lock_memberships(&mut self, keys: &[&Key]) -> Result<(), DbError>;
+    /// Which of these event ids the inbox holds.
+    async fn known_events(&mut self, ids: &[&str]) -> Result<HashSet<String>, DbError>;
+    /// The stored rows of these memberships.
+    async fn memberships(&mut self, keys: &[&Key]) -> Result<HashMap<Key, Membership>, DbError>;
+    /// Every known role slug.
+    async fn roles(&mut self) -> Result<HashSet<String>, DbError>;
+    /// [`audit::as_of`] for each point; a point with no trail is absent.
+    async fn trails(
+        &mut self,
+        points: &[TrailPoint<'_>],
+    ) -> Result<HashMap<(String, String, Timestamp), HistoryMark>, DbError>;
+    /// Inserts or replaces these rows (each key at most once).
+    async fn upsert_memberships(&mut self, rows: &[&Membership]) -> Result<(), DbError>;
+    /// Appends audit rows in order.
+    async fn append_audit(&mut self, entries: &[AuditEntry]) -> Result<(), DbError>;
+    /// Records deliveries (ids distinct); returns how many were new.
+    async fn insert_events(
+        &mut self,
+        rows: &[InboxRow<'_>],
+        received_at: Timestamp,
+    ) -> Result<u64, DbError>;
+}
+
+/// [`BatchStore`] over a sqlx connection in a write transaction: a few multi-row statements per batch.
+pub struct SqlxStore<'a> {
+    pub conn: &'a mut AnyConnection,
+    pub db: &'a Db,
+}
+
+impl BatchStore for SqlxStore<'_> {
+    async fn lock_memberships(&mut self, keys: &[&Key]) -> Result<(), DbError> {
+        self.db.lock_memberships(self.conn, keys).await
+    }
+
+    async fn known_events(&mut self, ids: &[&str]) -> Result<HashSet<String>, DbError> {
+        inbox::existing(&mut *self.conn, self.db.backend(), ids).await
+    }
+
+    async fn memberships(&mut self, keys: &[&Key]) -> Result<HashMap<Key, Membership>, DbError> {
+        memberships::get_many(&mut *self.conn, self.db.backend(), keys).await
+    }
+
+    async fn roles(&mut self) -> Result<HashSet<String>, DbError> {
+        Ok(roles::list(&mut *self.conn).await?.into_iter().collect())
+    }
+
+    async fn trails(
+        &mut self,
+        points: &[TrailPoint<'_>],
+    ) -> Result<HashMap<(String, String, Timestamp), HistoryMark>, DbError> {
+        audit::as_of_many(&mut *self.conn, self.db.backend(), points).await
+    }
+
+    async fn upsert_memberships(&mut self, rows: &[&Membership]) -> Result<(), DbError> {
+        memberships::upsert_many(&mut *self.conn, self.db.backend(), rows).await
+    }
+
+    async fn append_audit(&mut self, entries: &[AuditEntry]) -> Result<(), DbError> {
+        audit::insert_many(&mut *self.conn, self.db.backend(), entries).await
+    }
+
+    async fn insert_events(
+        &mut self,
+        rows: &[InboxRow<'_>],
+        received_at: Timestamp,
+    ) -> Result<u64, DbError> {
+        inbox::insert_many(&mut *self.conn, self.db.backend(), rows, received_at).await
+    }
+}
