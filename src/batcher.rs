@@ -153,7 +153,7 @@ impl Committer {
         let link = match &mut self.link {
             Some(link) => link,
             None => {
-                let link = match self.db.sqlite_writer()? {
+                let link = match self.db.sqlite_committer()? {
                     Some(writer) => Link::Sqlite(writer),
                     None => Link::Sqlx(self.db.dedicated().await?),
                 };

@@ -253,6 +253,15 @@ impl Db {
             .transpose()
     }
 
+    /// [`Db::sqlite_writer`] with a checkpointer thread, for the long-lived group-commit worker.
+    pub fn sqlite_committer(&self) -> Result<Option<sqlite_writer::SqliteWriter>, DbError> {
+        let writers = &self.writers;
+        self.sqlite_file
+            .as_deref()
+            .map(|file| sqlite_writer::SqliteWriter::open_with_checkpointer(file, writers.clone()))
+            .transpose()
+    }
+
     /// This process's turn to write (SQLite); `None` on PostgreSQL, whose writers run side by side.
     pub async fn writer_turn(&self) -> Option<OwnedMutexGuard<()>> {
         match self.backend {

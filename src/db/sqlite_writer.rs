@@ -8,7 +8,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::LazyLock;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
 use rusqlite::types::Type;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row};
@@ -46,9 +48,17 @@ static INSERT_EVENT: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+/// WAL frames after which the checkpointer starts the WAL over (4 KiB pages: 16 MiB).
+const RESTART_FRAMES: i64 = 4_000;
+
+/// WAL frames after which the writer checkpoints by itself, should the checkpointer fall behind.
+const WRITER_AUTOCHECKPOINT: u32 = 10_000;
+
 /// One connection to the database file, for write transactions of the group-commit worker.
 pub struct SqliteWriter {
     conn: Connection,
+    /// Wakes the checkpointer after a commit; dropping it stops the checkpointer.
+    checkpoints: Option<SyncSender<()>>,
 }
 
 impl SqliteWriter {
@@ -58,7 +68,35 @@ impl SqliteWriter {
         let conn = Connection::open_with_flags(file, flags)?;
         conn.execute_batch(SQLITE_PRAGMAS)?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-        Ok(Self { conn })
+        Ok(Self {
+            conn,
+            checkpoints: None,
+        })
+    }
+
+    /// [`SqliteWriter::open`], with a checkpointer: a thread and connection of their own that copy
+    /// committed WAL frames into the database file after each commit, beside the writer (the one
+    /// serial part of the service), which then checkpoints by itself only as a fallback. `turn` is the process's
+    /// writer turn, which the checkpointer takes only to start the WAL over.
+    pub fn open_with_checkpointer(
+        file: &Path,
+        turn: Arc<tokio::sync::Mutex<()>>,
+    ) -> Result<Self, DbError> {
+        let mut writer = Self::open(file)?;
+        let checkpointer = Connection::open_with_flags(file, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+        checkpointer.execute_batch(SQLITE_PRAGMAS)?;
+        // A reader holding an old snapshot makes a restart wait; give up soon and try later.
+        checkpointer.busy_timeout(Duration::from_millis(100))?;
+        writer
+            .conn
+            .pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT)?;
+        let (wake, commits) = sync_channel(1);
+        std::thread::Builder::new()
+            .name("rolesync-checkpoint".into())
+            .spawn(move || checkpoint_after_commits(&checkpointer, &commits, &turn))
+            .map_err(|e| DbError::Unavailable(format!("cannot start the checkpointer: {e}")))?;
+        writer.checkpoints = Some(wake);
+        Ok(writer)
     }
 
     /// Begins a write transaction that takes the write lock up front (`BEGIN IMMEDIATE`), after
@@ -74,7 +112,12 @@ impl SqliteWriter {
     }
 
     pub fn commit(&mut self) -> Result<(), DbError> {
-        Ok(self.conn.execute_batch("COMMIT")?)
+        self.conn.execute_batch("COMMIT")?;
+        if let Some(wake) = &self.checkpoints {
+            // Full: a wake-up is already pending, and that checkpoint will see this commit too.
+            let _ = wake.try_send(());
+        }
+        Ok(())
     }
 
     /// Rolls back the open transaction, if any.
@@ -83,6 +126,35 @@ impl SqliteWriter {
             self.conn.execute_batch("ROLLBACK")?;
         }
         Ok(())
+    }
+}
+
+/// After each wake-up, copies what is committed with a passive checkpoint, which never blocks the
+/// writer. Under a steady stream of commits a passive checkpoint never finds the WAL fully copied, so
+/// the WAL would only grow: once it holds [`RESTART_FRAMES`], the checkpointer takes the writer turn
+/// and restarts it (copying the few frames committed since the passive pass), so that the next
+/// write starts at the beginning of the file again. Stops when the writer is dropped.
+fn checkpoint_after_commits(
+    conn: &Connection,
+    commits: &Receiver<()>,
+    turn: &tokio::sync::Mutex<()>,
+) {
+    let checkpoint = |mode: &str| {
+        conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| {
+            row.get::<_, i64>(1)
+        })
+    };
+    while commits.recv().is_ok() {
+        let done = checkpoint("PASSIVE").and_then(|frames| {
+            if frames < RESTART_FRAMES {
+                return Ok(frames);
+            }
+            let _turn = turn.blocking_lock();
+            checkpoint("RESTART")
+        });
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "WAL checkpoint failed; the writer checkpoints by itself");
+        }
     }
 }
 
