@@ -5,14 +5,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::AnyConnection;
+use sqlx::{AnyConnection, PgConnection};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::db::sqlite_writer::SqliteWriter;
 use crate::db::{Backend, Db, DbError};
 use crate::metrics::Metrics;
 use crate::timestamp::SharedClock;
-use crate::webhook::{deliver_batch_on, deliver_batch_sqlite, Incoming, Receipt};
+use crate::webhook::{deliver_batch_on, deliver_batch_pg, deliver_batch_sqlite, Incoming, Receipt};
 
 /// Most deliveries committed together.
 pub const MAX_BATCH: usize = 256;
@@ -82,9 +82,11 @@ struct Committer {
     link: Option<Link>,
 }
 
-/// A committer's connection: the SQLite writer on a SQLite file, else a sqlx connection.
+/// A committer's connection: the SQLite writer on a SQLite file, a native connection on PostgreSQL,
+/// else (an in-memory SQLite database) a sqlx connection.
 enum Link {
     Sqlite(SqliteWriter),
+    Postgres(PgConnection),
     Sqlx(AnyConnection),
 }
 
@@ -153,9 +155,12 @@ impl Committer {
         let link = match &mut self.link {
             Some(link) => link,
             None => {
-                let link = match self.db.sqlite_committer()? {
-                    Some(writer) => Link::Sqlite(writer),
-                    None => Link::Sqlx(self.db.dedicated().await?),
+                let link = if let Some(writer) = self.db.sqlite_committer()? {
+                    Link::Sqlite(writer)
+                } else if let Some(conn) = self.db.postgres_committer().await? {
+                    Link::Postgres(conn)
+                } else {
+                    Link::Sqlx(self.db.dedicated().await?)
                 };
                 self.link.insert(link)
             }
@@ -163,6 +168,7 @@ impl Committer {
         let now = self.clock.now();
         let result = match link {
             Link::Sqlite(writer) => deliver_batch_sqlite(writer, &self.db, batch, now).await,
+            Link::Postgres(conn) => deliver_batch_pg(conn, batch, now).await,
             Link::Sqlx(conn) => deliver_batch_on(conn, &self.db, batch, now).await,
         };
         if result

@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod inbox;
 pub mod memberships;
+pub mod pg_writer;
 pub mod roles;
 pub mod sqlite_writer;
 pub mod store;
@@ -113,6 +114,18 @@ impl Backend {
     }
 }
 
+/// The advisory lock names of these memberships, sorted and distinct: every PostgreSQL writer takes
+/// them in this order, so that two never wait on each other in a cycle.
+fn lock_names(keys: &[&Key]) -> Vec<String> {
+    let mut names: Vec<String> = keys
+        .iter()
+        .map(|(org, user)| format!("{org}/{user}"))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
 /// A connection pool and the backend it talks to.
 #[derive(Debug, Clone)]
 pub struct Db {
@@ -123,6 +136,8 @@ pub struct Db {
     writers: Arc<Mutex<()>>,
     /// The SQLite database file, for [`Db::sqlite_writer`]; `None` on PostgreSQL or in memory.
     sqlite_file: Option<Arc<Path>>,
+    /// The PostgreSQL URL, for [`Db::postgres_committer`].
+    postgres_url: Option<Arc<str>>,
 }
 
 /// A write transaction from [`Db::begin_write`]; on SQLite it holds the process's writer turn until
@@ -202,6 +217,7 @@ impl Db {
             backend,
             writers: Arc::default(),
             sqlite_file,
+            postgres_url: (backend == Backend::Postgres).then(|| Arc::from(url.as_str())),
         })
     }
 
@@ -262,6 +278,21 @@ impl Db {
             .transpose()
     }
 
+    /// A native PostgreSQL connection for a group-commit worker ([`pg_writer`]); `None` on SQLite.
+    /// Its plans are made for each execution's arrays (their lengths vary from batch to batch).
+    pub async fn postgres_committer(&self) -> Result<Option<sqlx::PgConnection>, DbError> {
+        let Some(url) = &self.postgres_url else {
+            return Ok(None);
+        };
+        let connect = sqlx::PgConnection::connect(url);
+        let mut conn = tokio::time::timeout(Duration::from_secs(5), connect)
+            .await
+            .map_err(|_| DbError::Unavailable("connecting to PostgreSQL timed out".into()))??;
+        conn.execute("SET plan_cache_mode = force_custom_plan")
+            .await?;
+        Ok(Some(conn))
+    }
+
     /// This process's turn to write (SQLite); `None` on PostgreSQL, whose writers run side by side.
     pub async fn writer_turn(&self) -> Option<OwnedMutexGuard<()>> {
         match self.backend {
@@ -287,12 +318,7 @@ impl Db {
         if self.backend != Backend::Postgres || keys.is_empty() {
             return Ok(());
         }
-        let mut sorted: Vec<String> = keys
-            .iter()
-            .map(|(org, user)| format!("{org}/{user}"))
-            .collect();
-        sorted.sort_unstable();
-        sorted.dedup();
+        let sorted = lock_names(keys);
         let sql = format!(
             "SELECT COUNT(pg_advisory_xact_lock(hashtextextended(k, 0))::text) FROM (VALUES {}) AS t(k)",
             self.backend.values_list(sorted.len(), 1)

@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use crate::db::inbox::InboxRow;
 use sqlx::AnyConnection;
 
+use crate::db::pg_writer::PgStore;
 use crate::db::sqlite_writer::SqliteWriter;
 use crate::db::store::{BatchStore, SqlxStore};
 use crate::db::{Db, DbError};
@@ -26,6 +27,7 @@ use crate::metrics::{PositionLabel, ReasonLabel};
 use crate::reconcile::{self, Observation, Source};
 use crate::timestamp::Timestamp;
 use event::{classify, parse_envelope, EventKind, PayloadError};
+use sqlx::{Connection, PgConnection};
 
 /// Largest body accepted, checked before the body is read in full.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -222,6 +224,28 @@ pub async fn deliver_batch_on(
         Err(e) => {
             // Roll back now: a dropped transaction only queues its rollback, and the caller's
             // connection may sit unused (holding its locks) until the next batch.
+            let rollback = tx.rollback();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), rollback).await;
+            Err(e)
+        }
+    }
+}
+
+/// [`deliver_batch`] on a native PostgreSQL connection the caller keeps (the PostgreSQL
+/// group-commit workers' own), with fixed-text statements ([`PgStore`]).
+pub async fn deliver_batch_pg(
+    conn: &mut PgConnection,
+    batch: &[Incoming],
+    now: Timestamp,
+) -> Result<Vec<Receipt>, DbError> {
+    let mut tx = conn.begin().await?;
+    match deliver_into(&mut PgStore { conn: &mut tx }, batch, now).await {
+        Ok(receipts) => {
+            tx.commit().await?;
+            Ok(receipts)
+        }
+        Err(e) => {
+            // As in `deliver_batch_on`: roll back now, not at the connection's next use.
             let rollback = tx.rollback();
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), rollback).await;
             Err(e)

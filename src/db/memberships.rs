@@ -8,7 +8,7 @@ use super::{Backend, DbError, Key};
 use crate::reconcile::Membership;
 
 /// The same columns, qualified for a join on `m`.
-const PREFIXED_COLUMNS: &str = "m.organization_id, m.user_id, m.membership_id, m.role_slug, m.workos_role_slug, m.status, m.version, m.updated_at";
+pub(super) const PREFIXED_COLUMNS: &str = "m.organization_id, m.user_id, m.membership_id, m.role_slug, m.workos_role_slug, m.status, m.version, m.updated_at";
 pub(super) const COLUMNS: &str = "organization_id, user_id, membership_id, role_slug, workos_role_slug, status, version, updated_at";
 
 /// What an upsert of a row does to a stored one: replace every column but the key.

@@ -473,11 +473,25 @@ async fn commit_batch_on_writer(db: &Db, part: &[&Observation]) -> Vec<Outcome> 
     outcomes
 }
 
+/// [`commit_batch`] through the PostgreSQL group-commit workers' store (native, array-bound).
+async fn commit_batch_on_pg_writer(db: &Db, part: &[&Observation]) -> Vec<Outcome> {
+    use sqlx::Connection;
+    let mut conn = db.postgres_committer().await.unwrap().expect("PostgreSQL");
+    let mut tx = conn.begin().await.unwrap();
+    let mut store = rolesync::db::pg_writer::PgStore { conn: &mut tx };
+    let outcomes = rolesync::reconcile::reconcile_in(&mut store, part, v(100))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    outcomes
+}
+
 /// Which implementation commits the batches of [`batching_property`].
 #[derive(Clone, Copy)]
 enum Batches {
     Sqlx,
     SqliteWriter,
+    PgWriter,
 }
 
 /// Any split of a delivery sequence into batches (as group commit makes them) gives the same
@@ -525,6 +539,7 @@ fn batching_property(backend: Backend, batches: Batches) {
                     got.extend(match batches {
                         Batches::Sqlx => commit_batch(&t.db, &part).await,
                         Batches::SqliteWriter => commit_batch_on_writer(&t.db, &part).await,
+                        Batches::PgWriter => commit_batch_on_pg_writer(&t.db, &part).await,
                     });
                 }
             }
@@ -558,4 +573,9 @@ fn any_split_into_batches_matches_one_at_a_time_on_postgres() {
 #[test]
 fn any_split_into_batches_on_the_sqlite_writer_matches_one_at_a_time_through_sqlx() {
     batching_property(Backend::Sqlite, Batches::SqliteWriter);
+}
+
+#[test]
+fn any_split_into_batches_on_the_postgres_writer_matches_one_at_a_time_through_sqlx() {
+    batching_property(Backend::Postgres, Batches::PgWriter);
 }

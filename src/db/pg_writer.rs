@@ -1,0 +1,220 @@
+//! The PostgreSQL group-commit workers' statements: a native connection whose every statement has
+//! one fixed text, its rows bound as arrays (`unnest`), so that each is prepared once per connection.
+//!
+//! Through sqlx's `Any` driver (which binds no arrays) a batch's statements carried one placeholder
+//! per value, so each batch size was a statement of its own text: prepared anew nearly every batch,
+//! an extra round trip and a plan each time.
+
+use std::collections::{HashMap, HashSet};
+
+use sqlx::{PgConnection, Row};
+
+use super::inbox::InboxRow;
+use super::store::{BatchStore, TrailPoint};
+use super::{lock_names, memberships, DbError, Key};
+use crate::reconcile::{AuditEntry, HistoryMark, Membership};
+use crate::timestamp::Timestamp;
+
+/// [`BatchStore`] on a native PostgreSQL connection inside a transaction.
+pub struct PgStore<'a> {
+    pub conn: &'a mut PgConnection,
+}
+
+fn decode_timestamp(text: String) -> Result<Timestamp, DbError> {
+    Timestamp::try_from(text).map_err(|e| DbError::Sqlx(sqlx::Error::Decode(e.into())))
+}
+
+fn texts<T>(rows: &[T], column: impl Fn(&T) -> Option<String>) -> Vec<Option<String>> {
+    rows.iter().map(column).collect()
+}
+
+impl BatchStore for PgStore<'_> {
+    async fn lock_memberships(&mut self, keys: &[&Key]) -> Result<(), DbError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        // The same lock names, in the same order, as `Db::lock_memberships` (logins, other paths).
+        sqlx::query(
+            "SELECT COUNT(pg_advisory_xact_lock(hashtextextended(k, 0))::text) \
+             FROM unnest($1::text[]) AS t(k)",
+        )
+        .bind(lock_names(keys))
+        .fetch_one(&mut *self.conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn known_events(&mut self, ids: &[&str]) -> Result<HashSet<String>, DbError> {
+        if ids.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let found: Vec<String> = sqlx::query_scalar(
+            "SELECT event_id FROM webhook_events WHERE event_id = ANY($1::text[])",
+        )
+        .bind(ids)
+        .fetch_all(&mut *self.conn)
+        .await?;
+        Ok(found.into_iter().collect())
+    }
+
+    async fn memberships(&mut self, keys: &[&Key]) -> Result<HashMap<Key, Membership>, DbError> {
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let orgs: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+        let users: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+        let sql = format!(
+            "SELECT {} FROM unnest($1::text[], $2::text[]) AS k(org, usr) JOIN memberships m \
+             ON m.organization_id = k.org AND m.user_id = k.usr",
+            memberships::PREFIXED_COLUMNS
+        );
+        let rows = sqlx::query(&sql)
+            .bind(orgs)
+            .bind(users)
+            .fetch_all(&mut *self.conn)
+            .await?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let m = Membership {
+                organization_id: row.try_get(0)?,
+                user_id: row.try_get(1)?,
+                membership_id: row.try_get(2)?,
+                role_slug: row.try_get(3)?,
+                workos_role_slug: row.try_get(4)?,
+                status: row.try_get(5)?,
+                version: decode_timestamp(row.try_get(6)?)?,
+                updated_at: decode_timestamp(row.try_get(7)?)?,
+            };
+            out.insert((m.organization_id.clone(), m.user_id.clone()), m);
+        }
+        Ok(out)
+    }
+
+    async fn roles(&mut self) -> Result<HashSet<String>, DbError> {
+        let slugs: Vec<String> = sqlx::query_scalar("SELECT slug FROM roles")
+            .fetch_all(&mut *self.conn)
+            .await?;
+        Ok(slugs.into_iter().collect())
+    }
+
+    async fn trails(
+        &mut self,
+        points: &[TrailPoint<'_>],
+    ) -> Result<HashMap<(String, String, Timestamp), HistoryMark>, DbError> {
+        if points.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let orgs: Vec<&str> = points.iter().map(|p| p.0).collect();
+        let users: Vec<&str> = points.iter().map(|p| p.1).collect();
+        let versions: Vec<String> = points.iter().map(|p| p.2.to_string()).collect();
+        let rows = sqlx::query(
+            "SELECT k.org, k.usr, k.v, a.version, a.workos_role_slug, a.new_status \
+             FROM unnest($1::text[], $2::text[], $3::text[]) AS k(org, usr, v) \
+             JOIN LATERAL (SELECT b.version, b.workos_role_slug, b.new_status FROM role_audit b \
+             WHERE b.organization_id = k.org AND b.user_id = k.usr AND b.version <= k.v \
+             AND (b.outcome <> 'stale' OR b.version = k.v) ORDER BY b.version DESC, b.id DESC LIMIT 1) a \
+             ON true",
+        )
+        .bind(orgs)
+        .bind(users)
+        .bind(versions)
+        .fetch_all(&mut *self.conn)
+        .await?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let point = (
+                row.try_get(0)?,
+                row.try_get(1)?,
+                decode_timestamp(row.try_get(2)?)?,
+            );
+            let mark = HistoryMark {
+                version: decode_timestamp(row.try_get(3)?)?,
+                workos_role_slug: row.try_get(4)?,
+                new_status: row.try_get(5)?,
+            };
+            out.insert(point, mark);
+        }
+        Ok(out)
+    }
+
+    async fn upsert_memberships(&mut self, rows: &[&Membership]) -> Result<(), DbError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "INSERT INTO memberships ({}) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], \
+             $4::text[], $5::text[], $6::text[], $7::text[], $8::text[]) {}",
+            memberships::COLUMNS,
+            memberships::UPSERT_CONFLICT
+        );
+        sqlx::query(&sql)
+            .bind(texts(rows, |r| Some(r.organization_id.clone())))
+            .bind(texts(rows, |r| Some(r.user_id.clone())))
+            .bind(texts(rows, |r| Some(r.membership_id.clone())))
+            .bind(texts(rows, |r| r.role_slug.clone()))
+            .bind(texts(rows, |r| r.workos_role_slug.clone()))
+            .bind(texts(rows, |r| Some(r.status.clone())))
+            .bind(texts(rows, |r| Some(r.version.to_string())))
+            .bind(texts(rows, |r| Some(r.updated_at.to_string())))
+            .execute(&mut *self.conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn append_audit(&mut self, entries: &[AuditEntry]) -> Result<(), DbError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let columns = (1..=14)
+            .map(|i| format!("${i}::text[]"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // Rows come out in array order (ORDER BY the ordinality), so ids ascend in slice order.
+        let sql = format!(
+            "{} SELECT c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14 FROM unnest({columns}) \
+             WITH ORDINALITY AS r(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, n) ORDER BY n",
+            super::audit::INSERT.trim_end_matches(" VALUES")
+        );
+        sqlx::query(&sql)
+            .bind(texts(entries, |e| Some(e.recorded_at.to_string())))
+            .bind(texts(entries, |e| Some(e.organization_id.clone())))
+            .bind(texts(entries, |e| Some(e.user_id.clone())))
+            .bind(texts(entries, |e| Some(e.membership_id.clone())))
+            .bind(texts(entries, |e| Some(e.source.as_str().to_owned())))
+            .bind(texts(entries, |e| e.event_id.clone()))
+            .bind(texts(entries, |e| e.workos_role_slug.clone()))
+            .bind(texts(entries, |e| e.old_role.clone()))
+            .bind(texts(entries, |e| e.new_role.clone()))
+            .bind(texts(entries, |e| e.old_status.clone()))
+            .bind(texts(entries, |e| e.new_status.clone()))
+            .bind(texts(entries, |e| Some(e.outcome.as_str().to_owned())))
+            .bind(texts(entries, |e| Some(e.detail.clone())))
+            .bind(texts(entries, |e| Some(e.version.to_string())))
+            .execute(&mut *self.conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn insert_events(
+        &mut self,
+        rows: &[InboxRow<'_>],
+        received_at: Timestamp,
+    ) -> Result<u64, DbError> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let done = sqlx::query(
+            "INSERT INTO webhook_events (event_id, event_type, payload, outcome, received_at) \
+             SELECT e, t, p, o, $5 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS r(e, t, p, o) \
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(rows.iter().map(|r| r.event_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.event_type).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.payload).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.outcome).collect::<Vec<_>>())
+        .bind(received_at.to_string())
+        .execute(&mut *self.conn)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}
