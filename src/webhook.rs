@@ -173,7 +173,7 @@ impl Incoming {
     }
 
     /// The observation of a membership event; `None` for any other delivery.
-    fn observation(&self) -> Option<&Observation> {
+    pub fn observation(&self) -> Option<&Observation> {
         match &self.kind {
             EventKind::Membership(obs) => Some(obs),
             _ => None,
