@@ -5,7 +5,7 @@ use sqlx::AnyConnection;
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::db::store::{BatchStore, SqlxStore};
+use crate::db::store::{BatchStore, SqlxStore, Writes};
 use crate::db::{self, Db, DbError, Key};
 use crate::timestamp::Timestamp;
 
@@ -360,7 +360,9 @@ pub async fn reconcile_in<S: BatchStore>(
     now: Timestamp,
 ) -> Result<Vec<Outcome>, DbError> {
     lock_memberships_of(store, observations).await?;
-    reconcile_locked(store, observations, now).await
+    let plan = plan_locked(store, observations, now).await?;
+    store.write(&plan.writes(), &[], now).await?;
+    Ok(plan.outcomes)
 }
 
 /// Takes the lock of every membership these observations touch, until the transaction ends (one
@@ -382,42 +384,60 @@ fn sorted_keys(observations: &[&Observation]) -> Vec<Key> {
     keys
 }
 
-/// [`reconcile_batch`] in any [`BatchStore`] whose transaction already holds, through
-/// [`lock_memberships_of`], the lock of every membership the observations touch.
-pub async fn reconcile_locked<S: BatchStore>(
+/// What the rules decided for a batch of observations: an outcome each, and the rows to write.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub outcomes: Vec<Outcome>,
+    /// The last row decided for each membership written.
+    pub memberships: BTreeMap<Key, Membership>,
+    /// Audit rows, in order.
+    pub audits: Vec<AuditEntry>,
+}
+
+impl Plan {
+    /// The writes, as [`BatchStore::write`] takes them.
+    pub fn writes(&self) -> Writes<'_> {
+        Writes {
+            memberships: self.memberships.values().collect(),
+            audits: &self.audits,
+        }
+    }
+}
+
+/// Runs the rules over the observations, in order, in any [`BatchStore`] whose transaction already
+/// holds, through [`lock_memberships_of`], the lock of every membership they touch; reads only.
+/// Each observation sees the decisions before it; the caller writes the [`Plan`].
+pub async fn plan_locked<S: BatchStore>(
     store: &mut S,
     observations: &[&Observation],
     now: Timestamp,
-) -> Result<Vec<Outcome>, DbError> {
+) -> Result<Plan, DbError> {
     let keys = sorted_keys(observations);
     let key_refs: Vec<&Key> = keys.iter().collect();
     let mut rows = store.memberships(&key_refs).await?;
     let known = store.roles().await?;
     let trails = stored_trails(store, &rows, observations).await?;
-    let mut written: BTreeMap<Key, Membership> = BTreeMap::new();
-    let mut audits: Vec<AuditEntry> = Vec::new();
-    let mut outcomes = Vec::with_capacity(observations.len());
+    let mut plan = Plan {
+        outcomes: Vec::with_capacity(observations.len()),
+        ..Plan::default()
+    };
     for obs in observations {
         let key = key_of(obs);
         let stored = rows.get(&key);
         let history = match is_stale(stored, obs) {
-            true => history_as_of(store, &trails, &audits, obs).await?,
+            true => history_as_of(store, &trails, &plan.audits, obs).await?,
             false => None,
         };
         let role_known = obs.role_slug.as_ref().is_some_and(|s| known.contains(s));
         let decision = decide(stored, obs, role_known, history.as_ref(), now);
         if let Some(row) = decision.write {
             rows.insert(key.clone(), row.clone());
-            written.insert(key, row);
+            plan.memberships.insert(key, row);
         }
-        audits.extend(decision.audit);
-        outcomes.push(decision.outcome);
+        plan.audits.extend(decision.audit);
+        plan.outcomes.push(decision.outcome);
     }
-    store
-        .upsert_memberships(&written.values().collect::<Vec<_>>())
-        .await?;
-    store.append_audit(&audits).await?;
-    Ok(outcomes)
+    Ok(plan)
 }
 
 fn key_of(obs: &Observation) -> Key {

@@ -309,7 +309,8 @@ async fn deliver_into<S: BatchStore>(
         .filter_map(|&i| Some((i, batch[i].observation()?)))
         .collect();
     let observations: Vec<&Observation> = members.iter().map(|(_, o)| *o).collect();
-    let outcomes = reconcile::reconcile_locked(store, &observations, now).await?;
+    let plan = reconcile::plan_locked(store, &observations, now).await?;
+    let outcomes = &plan.outcomes;
     let mut answers: HashMap<usize, &str> = fresh
         .iter()
         .map(|&i| (i, batch[i].settled_outcome()))
@@ -317,7 +318,7 @@ async fn deliver_into<S: BatchStore>(
     answers.extend(
         members
             .iter()
-            .zip(&outcomes)
+            .zip(outcomes)
             .map(|((i, _), o)| (*i, o.as_str())),
     );
     let rows: Vec<InboxRow> = fresh
@@ -329,7 +330,7 @@ async fn deliver_into<S: BatchStore>(
             outcome: answers[&i],
         })
         .collect();
-    let inserted = store.insert_events(&rows, now).await?;
+    let inserted = store.write(&plan.writes(), &rows, now).await?;
     if inserted != rows.len() as u64 {
         // Another transaction (another replica) stored one of these ids since the read above.
         return Err(DbError::Conflict);

@@ -6,14 +6,47 @@
 //! an extra round trip and a plan each time.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::LazyLock;
 
 use sqlx::{PgConnection, Row};
 
 use super::inbox::InboxRow;
-use super::store::{BatchStore, TrailPoint};
-use super::{lock_names, memberships, DbError, Key};
-use crate::reconcile::{AuditEntry, HistoryMark, Membership};
+use super::store::{BatchStore, TrailPoint, Writes};
+use super::{audit, lock_names, memberships, DbError, Key};
+use crate::reconcile::{HistoryMark, Membership};
 use crate::timestamp::Timestamp;
+
+/// `$1::text[], ..., $n::text[]` from `first`.
+fn arrays(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|i| format!("${i}::text[]"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The one write statement of a batch: memberships ($1-$8), audit rows ($9-$22, inserted in array
+/// order so that ids ascend in slice order), deliveries ($23-$26) received at $27.
+static WRITE: LazyLock<String> = LazyLock::new(|| {
+    let audit_columns = (1..=14)
+        .map(|i| format!("c{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "WITH m AS (INSERT INTO memberships ({membership_columns}) SELECT * FROM unnest({m}) {conflict} RETURNING 1), \
+         a AS ({audit} SELECT {audit_columns} FROM unnest({a}) WITH ORDINALITY AS r({audit_columns}, n) \
+         ORDER BY n RETURNING 1), \
+         e AS (INSERT INTO webhook_events (event_id, event_type, payload, outcome, received_at) \
+         SELECT r.e, r.t, r.p, r.o, $27 FROM unnest({e}) AS r(e, t, p, o) \
+         ON CONFLICT (event_id) DO NOTHING RETURNING 1) \
+         SELECT COUNT(*) FROM e",
+        membership_columns = memberships::COLUMNS,
+        m = arrays(1, 8),
+        conflict = memberships::UPSERT_CONFLICT,
+        audit = audit::INSERT.trim_end_matches(" VALUES"),
+        a = arrays(9, 14),
+        e = arrays(23, 4),
+    )
+});
 
 /// [`BatchStore`] on a native PostgreSQL connection inside a transaction.
 pub struct PgStore<'a> {
@@ -137,17 +170,17 @@ impl BatchStore for PgStore<'_> {
         Ok(out)
     }
 
-    async fn upsert_memberships(&mut self, rows: &[&Membership]) -> Result<(), DbError> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let sql = format!(
-            "INSERT INTO memberships ({}) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], \
-             $4::text[], $5::text[], $6::text[], $7::text[], $8::text[]) {}",
-            memberships::COLUMNS,
-            memberships::UPSERT_CONFLICT
-        );
-        sqlx::query(&sql)
+    /// One statement: the upsert, the audit insert and the inbox insert as data-modifying CTEs
+    /// (each runs whether or not its rows are empty), answering how many deliveries were new.
+    async fn write(
+        &mut self,
+        writes: &Writes<'_>,
+        events: &[InboxRow<'_>],
+        received_at: Timestamp,
+    ) -> Result<u64, DbError> {
+        let rows = &writes.memberships;
+        let entries = writes.audits;
+        let inserted: i64 = sqlx::query_scalar(&WRITE)
             .bind(texts(rows, |r| Some(r.organization_id.clone())))
             .bind(texts(rows, |r| Some(r.user_id.clone())))
             .bind(texts(rows, |r| Some(r.membership_id.clone())))
@@ -156,26 +189,6 @@ impl BatchStore for PgStore<'_> {
             .bind(texts(rows, |r| Some(r.status.clone())))
             .bind(texts(rows, |r| Some(r.version.to_string())))
             .bind(texts(rows, |r| Some(r.updated_at.to_string())))
-            .execute(&mut *self.conn)
-            .await?;
-        Ok(())
-    }
-
-    async fn append_audit(&mut self, entries: &[AuditEntry]) -> Result<(), DbError> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let columns = (1..=14)
-            .map(|i| format!("${i}::text[]"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        // Rows come out in array order (ORDER BY the ordinality), so ids ascend in slice order.
-        let sql = format!(
-            "{} SELECT c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14 FROM unnest({columns}) \
-             WITH ORDINALITY AS r(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, n) ORDER BY n",
-            super::audit::INSERT.trim_end_matches(" VALUES")
-        );
-        sqlx::query(&sql)
             .bind(texts(entries, |e| Some(e.recorded_at.to_string())))
             .bind(texts(entries, |e| Some(e.organization_id.clone())))
             .bind(texts(entries, |e| Some(e.user_id.clone())))
@@ -190,31 +203,13 @@ impl BatchStore for PgStore<'_> {
             .bind(texts(entries, |e| Some(e.outcome.as_str().to_owned())))
             .bind(texts(entries, |e| Some(e.detail.clone())))
             .bind(texts(entries, |e| Some(e.version.to_string())))
-            .execute(&mut *self.conn)
+            .bind(events.iter().map(|r| r.event_id).collect::<Vec<_>>())
+            .bind(events.iter().map(|r| r.event_type).collect::<Vec<_>>())
+            .bind(events.iter().map(|r| r.payload).collect::<Vec<_>>())
+            .bind(events.iter().map(|r| r.outcome).collect::<Vec<_>>())
+            .bind(received_at.to_string())
+            .fetch_one(&mut *self.conn)
             .await?;
-        Ok(())
-    }
-
-    async fn insert_events(
-        &mut self,
-        rows: &[InboxRow<'_>],
-        received_at: Timestamp,
-    ) -> Result<u64, DbError> {
-        if rows.is_empty() {
-            return Ok(0);
-        }
-        let done = sqlx::query(
-            "INSERT INTO webhook_events (event_id, event_type, payload, outcome, received_at) \
-             SELECT e, t, p, o, $5 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS r(e, t, p, o) \
-             ON CONFLICT (event_id) DO NOTHING",
-        )
-        .bind(rows.iter().map(|r| r.event_id).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.event_type).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.payload).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.outcome).collect::<Vec<_>>())
-        .bind(received_at.to_string())
-        .execute(&mut *self.conn)
-        .await?;
-        Ok(done.rows_affected())
+        Ok(inserted as u64)
     }
 }

@@ -16,7 +16,7 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row};
 
 use super::inbox::InboxRow;
-use super::store::{BatchStore, TrailPoint};
+use super::store::{BatchStore, TrailPoint, Writes};
 use super::{audit, inbox, memberships, Backend, DbError, Key, SQLITE_PRAGMAS};
 use crate::reconcile::{AuditEntry, HistoryMark, Membership};
 use crate::timestamp::Timestamp;
@@ -251,7 +251,20 @@ impl BatchStore for SqliteStore<'_> {
         Ok(marks)
     }
 
-    async fn upsert_memberships(&mut self, rows: &[&Membership]) -> Result<(), DbError> {
+    async fn write(
+        &mut self,
+        writes: &Writes<'_>,
+        events: &[InboxRow<'_>],
+        received_at: Timestamp,
+    ) -> Result<u64, DbError> {
+        self.upsert_memberships(&writes.memberships)?;
+        self.append_audit(writes.audits)?;
+        self.insert_events(events, received_at)
+    }
+}
+
+impl SqliteStore<'_> {
+    fn upsert_memberships(&mut self, rows: &[&Membership]) -> Result<(), DbError> {
         let mut statement = self.conn.prepare_cached(&UPSERT_MEMBERSHIP)?;
         for row in rows {
             statement.execute(rusqlite::params![
@@ -268,7 +281,7 @@ impl BatchStore for SqliteStore<'_> {
         Ok(())
     }
 
-    async fn append_audit(&mut self, entries: &[AuditEntry]) -> Result<(), DbError> {
+    fn append_audit(&mut self, entries: &[AuditEntry]) -> Result<(), DbError> {
         let mut statement = self.conn.prepare_cached(&INSERT_AUDIT)?;
         for e in entries {
             statement.execute(rusqlite::params![
@@ -291,7 +304,7 @@ impl BatchStore for SqliteStore<'_> {
         Ok(())
     }
 
-    async fn insert_events(
+    fn insert_events(
         &mut self,
         rows: &[InboxRow<'_>],
         received_at: Timestamp,

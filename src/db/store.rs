@@ -32,16 +32,21 @@ pub trait BatchStore {
         &mut self,
         points: &[TrailPoint<'_>],
     ) -> Result<HashMap<(String, String, Timestamp), HistoryMark>, DbError>;
-    /// Inserts or replaces these rows (each key at most once).
-    async fn upsert_memberships(&mut self, rows: &[&Membership]) -> Result<(), DbError>;
-    /// Appends audit rows in order.
-    async fn append_audit(&mut self, entries: &[AuditEntry]) -> Result<(), DbError>;
-    /// Records deliveries (ids distinct); returns how many were new.
-    async fn insert_events(
+    /// Writes a batch's decisions and records its deliveries (ids distinct); returns how many
+    /// deliveries were new, the others being duplicates.
+    async fn write(
         &mut self,
-        rows: &[InboxRow<'_>],
+        writes: &Writes<'_>,
+        events: &[InboxRow<'_>],
         received_at: Timestamp,
     ) -> Result<u64, DbError>;
+}
+
+/// The rows a batch writes: memberships inserted or replaced (each key at most once) and audit rows
+/// appended in order.
+pub struct Writes<'a> {
+    pub memberships: Vec<&'a Membership>,
+    pub audits: &'a [AuditEntry],
 }
 
 /// [`BatchStore`] over a sqlx connection in a write transaction: a few multi-row statements per batch.
@@ -74,19 +79,15 @@ impl BatchStore for SqlxStore<'_> {
         audit::as_of_many(&mut *self.conn, self.db.backend(), points).await
     }
 
-    async fn upsert_memberships(&mut self, rows: &[&Membership]) -> Result<(), DbError> {
-        memberships::upsert_many(&mut *self.conn, self.db.backend(), rows).await
-    }
-
-    async fn append_audit(&mut self, entries: &[AuditEntry]) -> Result<(), DbError> {
-        audit::insert_many(&mut *self.conn, self.db.backend(), entries).await
-    }
-
-    async fn insert_events(
+    async fn write(
         &mut self,
-        rows: &[InboxRow<'_>],
+        writes: &Writes<'_>,
+        events: &[InboxRow<'_>],
         received_at: Timestamp,
     ) -> Result<u64, DbError> {
-        inbox::insert_many(&mut *self.conn, self.db.backend(), rows, received_at).await
+        let backend = self.db.backend();
+        memberships::upsert_many(&mut *self.conn, backend, &writes.memberships).await?;
+        audit::insert_many(&mut *self.conn, backend, writes.audits).await?;
+        inbox::insert_many(&mut *self.conn, backend, events, received_at).await
     }
 }
