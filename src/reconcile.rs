@@ -5,7 +5,7 @@ use sqlx::AnyConnection;
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::db::store::{BatchStore, SqlxStore, Writes};
+use crate::db::store::{BatchStore, Snapshot, SqlxStore, Writes};
 use crate::db::{self, Db, DbError, Key};
 use crate::timestamp::Timestamp;
 
@@ -377,7 +377,8 @@ pub async fn lock_memberships_of<S: BatchStore>(
         .await
 }
 
-fn sorted_keys(observations: &[&Observation]) -> Vec<Key> {
+/// The memberships these observations touch, sorted and distinct.
+pub fn sorted_keys(observations: &[&Observation]) -> Vec<Key> {
     let mut keys: Vec<Key> = observations.iter().map(|o| key_of(o)).collect();
     keys.sort_unstable();
     keys.dedup();
@@ -413,9 +414,19 @@ pub async fn plan_locked<S: BatchStore>(
     now: Timestamp,
 ) -> Result<Plan, DbError> {
     let keys = sorted_keys(observations);
-    let key_refs: Vec<&Key> = keys.iter().collect();
-    let mut rows = store.memberships(&key_refs).await?;
-    let known = store.roles().await?;
+    let snapshot = store.read(&[], &keys.iter().collect::<Vec<_>>()).await?;
+    plan_with(store, snapshot, observations, now).await
+}
+
+/// [`plan_locked`] from a [`Snapshot`] the caller read after taking the locks; its memberships must
+/// include every one the observations touch.
+pub async fn plan_with<S: BatchStore>(
+    store: &mut S,
+    snapshot: Snapshot,
+    observations: &[&Observation],
+    now: Timestamp,
+) -> Result<Plan, DbError> {
+    let (mut rows, known) = (snapshot.memberships, snapshot.roles);
     let trails = stored_trails(store, &rows, observations).await?;
     let mut plan = Plan {
         outcomes: Vec::with_capacity(observations.len()),

@@ -21,7 +21,7 @@ use sqlx::AnyConnection;
 use crate::db::pg_writer::PgStore;
 use crate::db::sqlite_writer::SqliteWriter;
 use crate::db::store::{BatchStore, SqlxStore};
-use crate::db::{Db, DbError};
+use crate::db::{Db, DbError, Key};
 use crate::error::AppError;
 use crate::metrics::{PositionLabel, ReasonLabel};
 use crate::reconcile::{self, Observation, Source};
@@ -297,9 +297,12 @@ async fn deliver_into<S: BatchStore>(
         .iter()
         .filter_map(|&i| batch[i].observation())
         .collect();
-    reconcile::lock_memberships_of(store, &all).await?;
+    let keys = reconcile::sorted_keys(&all);
+    let keys: Vec<&Key> = keys.iter().collect();
+    store.lock_memberships(&keys).await?;
     let ids: Vec<&str> = first.iter().map(|&i| batch[i].event_id.as_str()).collect();
-    let known = store.known_events(&ids).await?;
+    let mut snapshot = store.read(&ids, &keys).await?;
+    let known = std::mem::take(&mut snapshot.known_events);
     let fresh: Vec<usize> = first
         .into_iter()
         .filter(|&i| !known.contains(&batch[i].event_id))
@@ -309,7 +312,7 @@ async fn deliver_into<S: BatchStore>(
         .filter_map(|&i| Some((i, batch[i].observation()?)))
         .collect();
     let observations: Vec<&Observation> = members.iter().map(|(_, o)| *o).collect();
-    let plan = reconcile::plan_locked(store, &observations, now).await?;
+    let plan = reconcile::plan_with(store, snapshot, &observations, now).await?;
     let outcomes = &plan.outcomes;
     let mut answers: HashMap<usize, &str> = fresh
         .iter()

@@ -5,13 +5,13 @@
 //! per value, so each batch size was a statement of its own text: prepared anew nearly every batch,
 //! an extra round trip and a plan each time.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use sqlx::{PgConnection, Row};
 
 use super::inbox::InboxRow;
-use super::store::{BatchStore, TrailPoint, Writes};
+use super::store::{BatchStore, Snapshot, TrailPoint, Writes};
 use super::{audit, lock_names, memberships, DbError, Key};
 use crate::reconcile::{HistoryMark, Membership};
 use crate::timestamp::Timestamp;
@@ -23,6 +23,18 @@ fn arrays(first: usize, count: usize) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+/// The one read statement of a batch: event ids ($1), membership keys ($2, $3).
+static READ: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT 'm' AS kind, {} FROM unnest($2::text[], $3::text[]) AS k(org, usr) \
+         JOIN memberships m ON m.organization_id = k.org AND m.user_id = k.usr \
+         UNION ALL SELECT 'e', event_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL \
+         FROM webhook_events WHERE event_id = ANY($1::text[]) \
+         UNION ALL SELECT 'r', slug, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM roles",
+        memberships::PREFIXED_COLUMNS
+    )
+});
 
 /// The one write statement of a batch: memberships ($1-$8), audit rows ($9-$22, inserted in array
 /// order so that ids ascend in slice order), deliveries ($23-$26) received at $27.
@@ -77,57 +89,44 @@ impl BatchStore for PgStore<'_> {
         Ok(())
     }
 
-    async fn known_events(&mut self, ids: &[&str]) -> Result<HashSet<String>, DbError> {
-        if ids.is_empty() {
-            return Ok(HashSet::new());
-        }
-        let found: Vec<String> = sqlx::query_scalar(
-            "SELECT event_id FROM webhook_events WHERE event_id = ANY($1::text[])",
-        )
-        .bind(ids)
-        .fetch_all(&mut *self.conn)
-        .await?;
-        Ok(found.into_iter().collect())
-    }
-
-    async fn memberships(&mut self, keys: &[&Key]) -> Result<HashMap<Key, Membership>, DbError> {
-        if keys.is_empty() {
-            return Ok(HashMap::new());
-        }
+    /// One statement: the memberships, the known event ids and the roles, as rows of a union told
+    /// apart by their first column.
+    async fn read(&mut self, event_ids: &[&str], keys: &[&Key]) -> Result<Snapshot, DbError> {
         let orgs: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
         let users: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
-        let sql = format!(
-            "SELECT {} FROM unnest($1::text[], $2::text[]) AS k(org, usr) JOIN memberships m \
-             ON m.organization_id = k.org AND m.user_id = k.usr",
-            memberships::PREFIXED_COLUMNS
-        );
-        let rows = sqlx::query(&sql)
+        let rows = sqlx::query(&READ)
+            .bind(event_ids)
             .bind(orgs)
             .bind(users)
             .fetch_all(&mut *self.conn)
             .await?;
-        let mut out = HashMap::with_capacity(rows.len());
+        let mut snapshot = Snapshot::default();
         for row in rows {
-            let m = Membership {
-                organization_id: row.try_get(0)?,
-                user_id: row.try_get(1)?,
-                membership_id: row.try_get(2)?,
-                role_slug: row.try_get(3)?,
-                workos_role_slug: row.try_get(4)?,
-                status: row.try_get(5)?,
-                version: decode_timestamp(row.try_get(6)?)?,
-                updated_at: decode_timestamp(row.try_get(7)?)?,
-            };
-            out.insert((m.organization_id.clone(), m.user_id.clone()), m);
+            let kind: &str = row.try_get(0)?;
+            match kind {
+                "e" => {
+                    snapshot.known_events.insert(row.try_get(1)?);
+                }
+                "r" => {
+                    snapshot.roles.insert(row.try_get(1)?);
+                }
+                _ => {
+                    let m = Membership {
+                        organization_id: row.try_get(1)?,
+                        user_id: row.try_get(2)?,
+                        membership_id: row.try_get(3)?,
+                        role_slug: row.try_get(4)?,
+                        workos_role_slug: row.try_get(5)?,
+                        status: row.try_get(6)?,
+                        version: decode_timestamp(row.try_get(7)?)?,
+                        updated_at: decode_timestamp(row.try_get(8)?)?,
+                    };
+                    let key = (m.organization_id.clone(), m.user_id.clone());
+                    snapshot.memberships.insert(key, m);
+                }
+            }
         }
-        Ok(out)
-    }
-
-    async fn roles(&mut self) -> Result<HashSet<String>, DbError> {
-        let slugs: Vec<String> = sqlx::query_scalar("SELECT slug FROM roles")
-            .fetch_all(&mut *self.conn)
-            .await?;
-        Ok(slugs.into_iter().collect())
+        Ok(snapshot)
     }
 
     async fn trails(

@@ -16,7 +16,7 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row};
 
 use super::inbox::InboxRow;
-use super::store::{BatchStore, TrailPoint, Writes};
+use super::store::{BatchStore, Snapshot, TrailPoint, Writes};
 use super::{audit, inbox, memberships, Backend, DbError, Key, SQLITE_PRAGMAS};
 use crate::reconcile::{AuditEntry, HistoryMark, Membership};
 use crate::timestamp::Timestamp;
@@ -198,34 +198,12 @@ impl BatchStore for SqliteStore<'_> {
         Ok(())
     }
 
-    async fn known_events(&mut self, ids: &[&str]) -> Result<HashSet<String>, DbError> {
-        let mut statement = self
-            .conn
-            .prepare_cached("SELECT 1 FROM webhook_events WHERE event_id = ?1")?;
-        let mut known = HashSet::new();
-        for id in ids {
-            if statement.exists([id])? {
-                known.insert((*id).to_owned());
-            }
-        }
-        Ok(known)
-    }
-
-    async fn memberships(&mut self, keys: &[&Key]) -> Result<HashMap<Key, Membership>, DbError> {
-        let mut statement = self.conn.prepare_cached(&GET_MEMBERSHIP)?;
-        let mut rows = HashMap::with_capacity(keys.len());
-        for (org, user) in keys {
-            if let Some(row) = statement.query_row([org, user], membership).optional()? {
-                rows.insert((org.clone(), user.clone()), row);
-            }
-        }
-        Ok(rows)
-    }
-
-    async fn roles(&mut self) -> Result<HashSet<String>, DbError> {
-        let mut statement = self.conn.prepare_cached("SELECT slug FROM roles")?;
-        let slugs = statement.query_map([], |row| row.get(0))?;
-        Ok(slugs.collect::<Result<_, _>>()?)
+    async fn read(&mut self, event_ids: &[&str], keys: &[&Key]) -> Result<Snapshot, DbError> {
+        Ok(Snapshot {
+            known_events: self.known_events(event_ids)?,
+            memberships: self.memberships(keys)?,
+            roles: self.roles()?,
+        })
     }
 
     async fn trails(
@@ -264,6 +242,36 @@ impl BatchStore for SqliteStore<'_> {
 }
 
 impl SqliteStore<'_> {
+    fn known_events(&mut self, ids: &[&str]) -> Result<HashSet<String>, DbError> {
+        let mut statement = self
+            .conn
+            .prepare_cached("SELECT 1 FROM webhook_events WHERE event_id = ?1")?;
+        let mut known = HashSet::new();
+        for id in ids {
+            if statement.exists([id])? {
+                known.insert((*id).to_owned());
+            }
+        }
+        Ok(known)
+    }
+
+    fn memberships(&mut self, keys: &[&Key]) -> Result<HashMap<Key, Membership>, DbError> {
+        let mut statement = self.conn.prepare_cached(&GET_MEMBERSHIP)?;
+        let mut rows = HashMap::with_capacity(keys.len());
+        for (org, user) in keys {
+            if let Some(row) = statement.query_row([org, user], membership).optional()? {
+                rows.insert((org.clone(), user.clone()), row);
+            }
+        }
+        Ok(rows)
+    }
+
+    fn roles(&mut self) -> Result<HashSet<String>, DbError> {
+        let mut statement = self.conn.prepare_cached("SELECT slug FROM roles")?;
+        let slugs = statement.query_map([], |row| row.get(0))?;
+        Ok(slugs.collect::<Result<_, _>>()?)
+    }
+
     fn upsert_memberships(&mut self, rows: &[&Membership]) -> Result<(), DbError> {
         let mut statement = self.conn.prepare_cached(&UPSERT_MEMBERSHIP)?;
         for row in rows {

@@ -21,12 +21,9 @@ pub type TrailPoint<'a> = (&'a str, &'a str, Timestamp);
 pub trait BatchStore {
     /// Locks these memberships (sorted, distinct) until the transaction ends.
     async fn lock_memberships(&mut self, keys: &[&Key]) -> Result<(), DbError>;
-    /// Which of these event ids the inbox holds.
-    async fn known_events(&mut self, ids: &[&str]) -> Result<HashSet<String>, DbError>;
-    /// The stored rows of these memberships.
-    async fn memberships(&mut self, keys: &[&Key]) -> Result<HashMap<Key, Membership>, DbError>;
-    /// Every known role slug.
-    async fn roles(&mut self) -> Result<HashSet<String>, DbError>;
+    /// What a batch reads once it holds its locks: which of these event ids the inbox holds, the
+    /// stored rows of these memberships and every known role.
+    async fn read(&mut self, event_ids: &[&str], keys: &[&Key]) -> Result<Snapshot, DbError>;
     /// [`audit::as_of`] for each point; a point with no trail is absent.
     async fn trails(
         &mut self,
@@ -40,6 +37,14 @@ pub trait BatchStore {
         events: &[InboxRow<'_>],
         received_at: Timestamp,
     ) -> Result<u64, DbError>;
+}
+
+/// What [`BatchStore::read`] found.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub known_events: HashSet<String>,
+    pub memberships: HashMap<Key, Membership>,
+    pub roles: HashSet<String>,
 }
 
 /// The rows a batch writes: memberships inserted or replaced (each key at most once) and audit rows
@@ -60,16 +65,13 @@ impl BatchStore for SqlxStore<'_> {
         self.db.lock_memberships(self.conn, keys).await
     }
 
-    async fn known_events(&mut self, ids: &[&str]) -> Result<HashSet<String>, DbError> {
-        inbox::existing(&mut *self.conn, self.db.backend(), ids).await
-    }
-
-    async fn memberships(&mut self, keys: &[&Key]) -> Result<HashMap<Key, Membership>, DbError> {
-        memberships::get_many(&mut *self.conn, self.db.backend(), keys).await
-    }
-
-    async fn roles(&mut self) -> Result<HashSet<String>, DbError> {
-        Ok(roles::list(&mut *self.conn).await?.into_iter().collect())
+    async fn read(&mut self, event_ids: &[&str], keys: &[&Key]) -> Result<Snapshot, DbError> {
+        let backend = self.db.backend();
+        Ok(Snapshot {
+            known_events: inbox::existing(&mut *self.conn, backend, event_ids).await?,
+            memberships: memberships::get_many(&mut *self.conn, backend, keys).await?,
+            roles: roles::list(&mut *self.conn).await?.into_iter().collect(),
+        })
     }
 
     async fn trails(
