@@ -44,23 +44,35 @@ impl Batcher {
     pub fn spawn(db: Db, clock: SharedClock, workers: usize, metrics: Arc<Metrics>) -> Self {
         let mut queues = Vec::with_capacity(workers.max(1));
         for _ in 0..workers.max(1) {
-            let (jobs, queue) = mpsc::channel(QUEUE);
+            let (jobs, mut queue) = mpsc::channel(QUEUE);
             queues.push(jobs);
-            let committer = Committer {
-                db: db.clone(),
-                clock: clock.clone(),
-                metrics: metrics.clone(),
-                link: None,
-            };
+            let (db, clock, metrics) = (db.clone(), clock.clone(), metrics.clone());
             // The writers are the serial part of the service: each committer gets a thread of its
             // own, so that its statements never wait behind request tasks in the shared runtime.
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a current-thread runtime builds");
+            // Its queue has no other consumer, so a committer that panics is started again (the
+            // deliveries of the batch it held are answered 503 and retried by WorkOS).
+            let run = move || loop {
+                let committer = Committer {
+                    db: db.clone(),
+                    clock: clock.clone(),
+                    metrics: metrics.clone(),
+                    link: None,
+                };
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a current-thread runtime builds");
+                let worked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    runtime.block_on(work(committer, &mut queue))
+                }));
+                match worked {
+                    Ok(()) => return,
+                    Err(_) => tracing::error!("a group-commit worker panicked; starting it again"),
+                }
+            };
             std::thread::Builder::new()
                 .name("rolesync-commit".into())
-                .spawn(move || runtime.block_on(work(committer, queue)))
+                .spawn(run)
                 .expect("the committer thread starts");
         }
         Self {
@@ -111,7 +123,7 @@ enum Link {
     Sqlx(AnyConnection),
 }
 
-async fn work(mut committer: Committer, mut queue: mpsc::Receiver<Job>) {
+async fn work(mut committer: Committer, queue: &mut mpsc::Receiver<Job>) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     loop {
         let received = queue.recv_many(&mut jobs, MAX_BATCH).await;
@@ -166,8 +178,8 @@ impl Committer {
     }
 
     /// One attempt on the committer's connection (its transaction is rolled back on any error);
-    /// after an error other than a conflict the connection is dropped and the next attempt takes a
-    /// fresh one, so a broken connection is never reused.
+    /// after an error a retry cannot clear (not a conflict, deadlock or busy database) the connection
+    /// is dropped and the next attempt takes a fresh one, so a broken connection is never reused.
     async fn once(&mut self, batch: &[Incoming]) -> Result<Vec<Receipt>, DbError> {
         if self.db.pool().is_closed() {
             self.link = None;
@@ -192,10 +204,7 @@ impl Committer {
             Link::Postgres(conn) => deliver_batch_pg(conn, batch, now).await,
             Link::Sqlx(conn) => deliver_batch_on(conn, &self.db, batch, now).await,
         };
-        if result
-            .as_ref()
-            .is_err_and(|e| !matches!(e, DbError::Conflict))
-        {
+        if result.as_ref().is_err_and(|e| !e.is_transient()) {
             self.link = None;
         }
         result

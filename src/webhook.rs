@@ -208,7 +208,8 @@ pub async fn deliver_batch(
     Ok(receipts)
 }
 
-/// [`deliver_batch`] on a connection the caller keeps (the PostgreSQL group-commit workers' own).
+/// [`deliver_batch`] on a sqlx connection the caller keeps (the group-commit worker's own on an
+/// in-memory SQLite database).
 pub async fn deliver_batch_on(
     conn: &mut AnyConnection,
     db: &Db,

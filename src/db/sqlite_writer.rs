@@ -51,9 +51,6 @@ static INSERT_EVENT: LazyLock<String> = LazyLock::new(|| {
 /// WAL frames after which the checkpointer starts the WAL over (4 KiB pages: 16 MiB).
 const RESTART_FRAMES: i64 = 4_000;
 
-/// WAL frames after which the writer checkpoints by itself, should the checkpointer fall behind.
-const WRITER_AUTOCHECKPOINT: u32 = 10_000;
-
 /// One connection to the database file, for write transactions of the group-commit worker.
 pub struct SqliteWriter {
     conn: Connection,
@@ -76,7 +73,8 @@ impl SqliteWriter {
 
     /// [`SqliteWriter::open`], with a checkpointer: a thread and connection of their own that copy
     /// committed WAL frames into the database file after each commit, beside the writer (the one
-    /// serial part of the service), which then checkpoints by itself only as a fallback. `turn` is the process's
+    /// serial part of the service). Connections then checkpoint by themselves only as a fallback
+    /// (`wal_autocheckpoint` in the pool's pragmas). `turn` is the process's
     /// writer turn, which the checkpointer takes only to start the WAL over.
     pub fn open_with_checkpointer(
         file: &Path,
@@ -87,9 +85,6 @@ impl SqliteWriter {
         checkpointer.execute_batch(SQLITE_PRAGMAS)?;
         // A reader holding an old snapshot makes a restart wait; give up soon and try later.
         checkpointer.busy_timeout(Duration::from_millis(100))?;
-        writer
-            .conn
-            .pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT)?;
         let (wake, commits) = sync_channel(1);
         std::thread::Builder::new()
             .name("rolesync-checkpoint".into())
@@ -139,18 +134,28 @@ fn checkpoint_after_commits(
     commits: &Receiver<()>,
     turn: &tokio::sync::Mutex<()>,
 ) {
+    // (busy, frames in the WAL): busy when readers kept a RESTART from finishing.
     let checkpoint = |mode: &str| {
         conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| {
-            row.get::<_, i64>(1)
+            Ok((row.get::<_, i64>(0)? != 0, row.get::<_, i64>(1)?))
         })
     };
+    let mut restart_at = RESTART_FRAMES;
     while commits.recv().is_ok() {
-        let done = checkpoint("PASSIVE").and_then(|frames| {
-            if frames < RESTART_FRAMES {
-                return Ok(frames);
+        let done = checkpoint("PASSIVE").and_then(|(_, frames)| {
+            if frames < restart_at {
+                return Ok(());
             }
             let _turn = turn.blocking_lock();
-            checkpoint("RESTART")
+            let (busy, _) = checkpoint("RESTART")?;
+            // Readers held it up: try again only after as many frames more, not at every commit
+            // (each try holds the writer turn for up to the busy timeout).
+            restart_at = if busy {
+                frames + RESTART_FRAMES
+            } else {
+                RESTART_FRAMES
+            };
+            Ok(())
         });
         if let Err(e) = done {
             tracing::warn!(error = %e, "WAL checkpoint failed; the writer checkpoints by itself");
@@ -163,8 +168,11 @@ pub fn file_of_url(url: &str) -> Result<Option<PathBuf>, DbError> {
     use std::str::FromStr;
     let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
     let file = options.get_filename();
-    let in_memory =
-        file.as_os_str().is_empty() || file == Path::new(":memory:") || url.contains("mode=memory");
+    // sqlx names an in-memory database `file:sqlx-in-memory-N` (shared cache).
+    let in_memory = file.as_os_str().is_empty()
+        || file == Path::new(":memory:")
+        || file.to_string_lossy().starts_with("file:sqlx-in-memory-")
+        || url.contains("mode=memory");
     Ok((!in_memory).then(|| file.to_path_buf()))
 }
 
@@ -330,5 +338,26 @@ impl SqliteStore<'_> {
             ])? as u64;
         }
         Ok(inserted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::file_of_url;
+    use std::path::PathBuf;
+
+    #[test]
+    fn in_memory_urls_name_no_file() {
+        for url in [
+            "sqlite::memory:",
+            "sqlite://:memory:",
+            "sqlite::memory:?mode=rwc",
+        ] {
+            assert_eq!(file_of_url(url).unwrap(), None, "{url}");
+        }
+        assert_eq!(
+            file_of_url("sqlite:///tmp/x/rolesync.db?mode=rwc").unwrap(),
+            Some(PathBuf::from("/tmp/x/rolesync.db"))
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! The statements of a batch write, behind one interface, so that the reconcile rules and the
-//! webhook batch run unchanged on every way rolesync talks to its database: sqlx (both backends) and
-//! the SQLite group-commit writer ([`super::sqlite_writer`]).
+//! webhook batch run unchanged on every way rolesync talks to its database: sqlx (both backends), the
+//! SQLite group-commit writer ([`super::sqlite_writer`]) and the PostgreSQL one ([`super::pg_writer`]).
 
 use std::collections::{HashMap, HashSet};
 
