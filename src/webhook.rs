@@ -223,10 +223,7 @@ pub async fn deliver_batch_on(
             Ok(receipts)
         }
         Err(e) => {
-            // Roll back now: a dropped transaction only queues its rollback, and the caller's
-            // connection may sit unused (holding its locks) until the next batch.
-            let rollback = tx.rollback();
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), rollback).await;
+            roll_back_now(tx.rollback()).await;
             Err(e)
         }
     }
@@ -246,12 +243,17 @@ pub async fn deliver_batch_pg(
             Ok(receipts)
         }
         Err(e) => {
-            // As in `deliver_batch_on`: roll back now, not at the connection's next use.
-            let rollback = tx.rollback();
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), rollback).await;
+            roll_back_now(tx.rollback()).await;
             Err(e)
         }
     }
+}
+
+/// Awaits a failed batch's rollback (for at most 5 s): a dropped sqlx transaction only queues its
+/// rollback, and a committer's own connection may then sit unused, holding its locks, until the next
+/// batch.
+async fn roll_back_now(rollback: impl std::future::Future<Output = Result<(), sqlx::Error>>) {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), rollback).await;
 }
 
 /// [`deliver_batch`] on the SQLite writer the caller keeps (the SQLite group-commit worker's own),
