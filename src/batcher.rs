@@ -188,7 +188,7 @@ impl Committer {
         let link = match &mut self.link {
             Some(link) => link,
             None => {
-                let link = if let Some(writer) = self.db.sqlite_committer()? {
+                let link = if let Some(writer) = self.db.sqlite_writer()? {
                     Link::Sqlite(writer)
                 } else if let Some(conn) = self.db.postgres_committer().await? {
                     Link::Postgres(conn)

@@ -136,6 +136,8 @@ pub struct Db {
     writers: Arc<Mutex<()>>,
     /// The SQLite database file, for [`Db::sqlite_writer`]; `None` on PostgreSQL or in memory.
     sqlite_file: Option<Arc<Path>>,
+    /// Copies the SQLite WAL into the database file after commits; `None` on PostgreSQL or in memory.
+    checkpointer: Option<Arc<sqlite_writer::Checkpointer>>,
     /// The PostgreSQL URL, for [`Db::postgres_committer`].
     postgres_url: Option<Arc<str>>,
 }
@@ -145,11 +147,16 @@ pub struct Db {
 pub struct WriteTx<'c> {
     tx: Transaction<'c, Any>,
     _turn: Option<OwnedMutexGuard<()>>,
+    checkpointer: Option<Arc<sqlite_writer::Checkpointer>>,
 }
 
 impl WriteTx<'_> {
     pub async fn commit(self) -> Result<(), sqlx::Error> {
-        self.tx.commit().await
+        self.tx.commit().await?;
+        if let Some(checkpointer) = &self.checkpointer {
+            checkpointer.wake();
+        }
+        Ok(())
     }
 
     pub async fn rollback(self) -> Result<(), sqlx::Error> {
@@ -171,9 +178,9 @@ impl std::ops::DerefMut for WriteTx<'_> {
 }
 
 /// Pragmas that make an acknowledged SQLite write survive a crash and let readers run beside a writer.
-/// `wal_autocheckpoint` is a fallback: the group-commit worker's checkpointer keeps the WAL far
-/// smaller, outside every writer's transaction (SQLite's default, 1,000 frames, would make every
-/// writer checkpoint by itself).
+/// `wal_autocheckpoint` is a fallback: the checkpointer ([`sqlite_writer::Checkpointer`], woken by
+/// every commit of the process) keeps the WAL far smaller, outside every writer's transaction
+/// (SQLite's default, 1,000 frames, would make every writer checkpoint by itself).
 const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
      PRAGMA busy_timeout = 30000; PRAGMA foreign_keys = ON; PRAGMA cache_size = -8000; \
      PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 10000;";
@@ -215,10 +222,19 @@ impl Db {
             })
             .connect_with(options)
             .await?;
+        let writers = Arc::default();
+        let checkpointer = match &sqlite_file {
+            Some(file) => Some(Arc::new(sqlite_writer::Checkpointer::start(
+                file,
+                Arc::clone(&writers),
+            )?)),
+            None => None,
+        };
         Ok(Self {
             pool,
             backend,
-            writers: Arc::default(),
+            writers,
+            checkpointer,
             sqlite_file,
             postgres_url: (backend == Backend::Postgres).then(|| Arc::from(url.as_str())),
         })
@@ -250,7 +266,11 @@ impl Db {
     pub async fn begin_write(&self) -> Result<WriteTx<'static>, DbError> {
         let turn = self.writer_turn().await;
         let tx = self.pool.begin_with(self.backend.begin_write_sql()).await?;
-        Ok(WriteTx { tx, _turn: turn })
+        Ok(WriteTx {
+            tx,
+            _turn: turn,
+            checkpointer: self.checkpointer.clone(),
+        })
     }
 
     /// [`Db::begin_write`] on a connection the caller owns.
@@ -260,7 +280,11 @@ impl Db {
     ) -> Result<WriteTx<'c>, DbError> {
         let turn = self.writer_turn().await;
         let tx = conn.begin_with(self.backend.begin_write_sql()).await?;
-        Ok(WriteTx { tx, _turn: turn })
+        Ok(WriteTx {
+            tx,
+            _turn: turn,
+            checkpointer: self.checkpointer.clone(),
+        })
     }
 
     /// A connection of its own for the SQLite group-commit writer; `None` on PostgreSQL or for an
@@ -268,16 +292,7 @@ impl Db {
     pub fn sqlite_writer(&self) -> Result<Option<sqlite_writer::SqliteWriter>, DbError> {
         self.sqlite_file
             .as_deref()
-            .map(sqlite_writer::SqliteWriter::open)
-            .transpose()
-    }
-
-    /// [`Db::sqlite_writer`] with a checkpointer thread, for the long-lived group-commit worker.
-    pub fn sqlite_committer(&self) -> Result<Option<sqlite_writer::SqliteWriter>, DbError> {
-        let writers = &self.writers;
-        self.sqlite_file
-            .as_deref()
-            .map(|file| sqlite_writer::SqliteWriter::open_with_checkpointer(file, writers.clone()))
+            .map(|file| sqlite_writer::SqliteWriter::open(file, self.checkpointer.clone()))
             .transpose()
     }
 

@@ -54,44 +54,18 @@ const RESTART_FRAMES: i64 = 4_000;
 /// One connection to the database file, for write transactions of the group-commit worker.
 pub struct SqliteWriter {
     conn: Connection,
-    /// Wakes the checkpointer after a commit; dropping it stops the checkpointer.
-    checkpoints: Option<SyncSender<()>>,
+    /// Woken after each commit.
+    checkpointer: Option<Arc<Checkpointer>>,
 }
 
 impl SqliteWriter {
     /// Opens `file` (which [`super::Db::connect`] has created and migrated) with the pool's pragmas.
-    pub fn open(file: &Path) -> Result<Self, DbError> {
+    pub fn open(file: &Path, checkpointer: Option<Arc<Checkpointer>>) -> Result<Self, DbError> {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(file, flags)?;
         conn.execute_batch(SQLITE_PRAGMAS)?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-        Ok(Self {
-            conn,
-            checkpoints: None,
-        })
-    }
-
-    /// [`SqliteWriter::open`], with a checkpointer: a thread and connection of their own that copy
-    /// committed WAL frames into the database file after each commit, beside the writer (the one
-    /// serial part of the service). Connections then checkpoint by themselves only as a fallback
-    /// (`wal_autocheckpoint` in the pool's pragmas). `turn` is the process's
-    /// writer turn, which the checkpointer takes only to start the WAL over.
-    pub fn open_with_checkpointer(
-        file: &Path,
-        turn: Arc<tokio::sync::Mutex<()>>,
-    ) -> Result<Self, DbError> {
-        let mut writer = Self::open(file)?;
-        let checkpointer = Connection::open_with_flags(file, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
-        checkpointer.execute_batch(SQLITE_PRAGMAS)?;
-        // A reader holding an old snapshot makes a restart wait; give up soon and try later.
-        checkpointer.busy_timeout(Duration::from_millis(100))?;
-        let (wake, commits) = sync_channel(1);
-        std::thread::Builder::new()
-            .name("rolesync-checkpoint".into())
-            .spawn(move || checkpoint_after_commits(&checkpointer, &commits, &turn))
-            .map_err(|e| DbError::Unavailable(format!("cannot start the checkpointer: {e}")))?;
-        writer.checkpoints = Some(wake);
-        Ok(writer)
+        Ok(Self { conn, checkpointer })
     }
 
     /// Begins a write transaction that takes the write lock up front (`BEGIN IMMEDIATE`), after
@@ -108,9 +82,8 @@ impl SqliteWriter {
 
     pub fn commit(&mut self) -> Result<(), DbError> {
         self.conn.execute_batch("COMMIT")?;
-        if let Some(wake) = &self.checkpoints {
-            // Full: a wake-up is already pending, and that checkpoint will see this commit too.
-            let _ = wake.try_send(());
+        if let Some(checkpointer) = &self.checkpointer {
+            checkpointer.wake();
         }
         Ok(())
     }
@@ -121,6 +94,37 @@ impl SqliteWriter {
             self.conn.execute_batch("ROLLBACK")?;
         }
         Ok(())
+    }
+}
+
+/// A thread and connection of their own that copy committed WAL frames into the database file after
+/// commits, beside the writers (the group-commit worker is the serial part of the service), which
+/// then checkpoint by themselves only as a fallback (`wal_autocheckpoint` in the pool's pragmas).
+/// It stops when the last handle is dropped.
+#[derive(Debug)]
+pub struct Checkpointer {
+    wake: SyncSender<()>,
+}
+
+impl Checkpointer {
+    /// Starts the checkpointer of `file`; `turn` is the process's writer turn, which it takes only to
+    /// start the WAL over.
+    pub fn start(file: &Path, turn: Arc<tokio::sync::Mutex<()>>) -> Result<Self, DbError> {
+        let conn = Connection::open_with_flags(file, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+        conn.execute_batch(SQLITE_PRAGMAS)?;
+        // A reader holding an old snapshot makes a restart wait; give up soon and try later.
+        conn.busy_timeout(Duration::from_millis(100))?;
+        let (wake, commits) = sync_channel(1);
+        std::thread::Builder::new()
+            .name("rolesync-checkpoint".into())
+            .spawn(move || checkpoint_after_commits(&conn, &commits, &turn))
+            .map_err(|e| DbError::Unavailable(format!("cannot start the checkpointer: {e}")))?;
+        Ok(Self { wake })
+    }
+
+    /// Tells it a commit happened (never waits: a wake-up already pending covers this commit too).
+    pub fn wake(&self) {
+        let _ = self.wake.try_send(());
     }
 }
 

@@ -344,14 +344,13 @@ async fn answer(client: &reqwest::Client, base: &str, body: Vec<u8>) -> String {
     json["outcome"].as_str().unwrap().to_owned()
 }
 
-/// Under a steady stream of commits the SQLite committer's checkpointer starts the WAL over; the
-/// committer's writer checkpoints by itself only at 10,000 frames (about 40 MiB), which a checkpointer
-/// that only ever copies (never restarts) lets the WAL reach.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sqlite_checkpointer_keeps_the_wal_small_under_steady_commits() {
+/// Under a steady stream of commits the SQLite checkpointer starts the WAL over; writers checkpoint
+/// by themselves only at 10,000 frames (about 40 MiB), which a checkpointer that only ever copies
+/// (never restarts), or one that only the group-commit worker's commits wake, lets the WAL reach.
+async fn wal_stays_small(through_the_pool: bool) {
     let t = TestDb::new(Backend::Sqlite).await;
     let wal = format!("{}-wal", t.url.trim_start_matches("sqlite://"));
-    let mut writer = t.db.sqlite_committer().unwrap().expect("a SQLite file");
+    let mut writer = t.db.sqlite_writer().unwrap().expect("a SQLite file");
     let payload = "x".repeat(16 * 1024);
     let mut largest = 0;
     for batch in 0..60 {
@@ -363,14 +362,24 @@ async fn the_sqlite_checkpointer_keeps_the_wal_small_under_steady_commits() {
                 kind: rolesync::webhook::event::EventKind::Other,
             })
             .collect();
-        let receipts = rolesync::webhook::deliver_batch_sqlite(
-            &mut writer,
-            &t.db,
-            &deliveries,
-            Timestamp::now(),
-        )
-        .await
-        .unwrap();
+        let receipts = if through_the_pool {
+            let mut tx = t.db.begin_write().await.unwrap();
+            let receipts =
+                rolesync::webhook::deliver_batch_in(&mut tx, &t.db, &deliveries, Timestamp::now())
+                    .await
+                    .unwrap();
+            tx.commit().await.unwrap();
+            receipts
+        } else {
+            rolesync::webhook::deliver_batch_sqlite(
+                &mut writer,
+                &t.db,
+                &deliveries,
+                Timestamp::now(),
+            )
+            .await
+            .unwrap()
+        };
         assert!(receipts.iter().all(|r| r.outcome == "ignored"));
         // A restarted WAL is overwritten from its start, so its size is the most frames it held.
         largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
@@ -378,4 +387,14 @@ async fn the_sqlite_checkpointer_keeps_the_wal_small_under_steady_commits() {
     let frames = largest / (4096 + 24);
     assert!(frames < 8_000, "the WAL grew to {frames} frames");
     assert_eq!(db::inbox::count(t.db.pool()).await.unwrap(), 3000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_checkpointer_keeps_the_wal_small_under_steady_commits() {
+    wal_stays_small(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_checkpointer_keeps_the_wal_small_under_steady_pool_commits() {
+    wal_stays_small(true).await;
 }
