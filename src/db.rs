@@ -114,6 +114,12 @@ impl Backend {
     }
 }
 
+/// A timestamp column read as text, as a decode error when it is not one.
+fn decode_timestamp(text: String) -> Result<crate::timestamp::Timestamp, DbError> {
+    crate::timestamp::Timestamp::try_from(text)
+        .map_err(|e| DbError::Sqlx(sqlx::Error::Decode(e.into())))
+}
+
 /// The advisory lock names of these memberships, sorted and distinct: every PostgreSQL writer takes
 /// them in this order, so that two never wait on each other in a cycle.
 fn lock_names(keys: &[&Key]) -> Vec<String> {

@@ -123,9 +123,8 @@ pub struct Decision {
 
 /// What the audit trail says a membership was as of a version: the latest row at or before it
 /// (stale rows count only at exactly that version).
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryMark {
-    #[sqlx(try_from = "String")]
     pub version: Timestamp,
     pub workos_role_slug: Option<String>,
     pub new_status: Option<String>,

@@ -34,7 +34,7 @@ pub(super) const INSERT: &str = "INSERT INTO role_audit (recorded_at, organizati
      membership_id, source, event_id, workos_role_slug, old_role, new_role, old_status, new_status, \
      outcome, detail, version) VALUES";
 
-/// [`as_of`]'s statement.
+/// The trail of one membership as of a version ($1, $2, $3), as [`as_of_many`] reads it.
 pub(super) const AS_OF: &str = "SELECT version, workos_role_slug, new_status FROM role_audit \
      WHERE organization_id = $1 AND user_id = $2 AND version <= $3 AND (outcome <> 'stale' OR version = $3) \
      ORDER BY version DESC, id DESC LIMIT 1";
@@ -91,24 +91,9 @@ pub async fn list<'c>(
     .await?)
 }
 
-/// The trail of a membership as of `version`: the latest row at or before it, where a stale row
-/// counts only at exactly that version.
-pub async fn as_of<'c>(
-    conn: impl Executor<'c, Database = Any>,
-    organization_id: &str,
-    user_id: &str,
-    version: Timestamp,
-) -> Result<Option<HistoryMark>, DbError> {
-    Ok(sqlx::query_as(AS_OF)
-        .bind(organization_id)
-        .bind(user_id)
-        .bind(version.to_string())
-        .fetch_optional(conn)
-        .await?)
-}
-
-/// [`as_of`] for several `(organization_id, user_id, version)` at once, in one statement; a point with
-/// no trail is absent from the map.
+/// The trail of each `(organization_id, user_id, version)` as of that version, in one statement: the
+/// latest row at or before it, where a stale row counts only at exactly that version; a point with no
+/// trail is absent from the map.
 pub async fn as_of_many<'c>(
     conn: impl Executor<'c, Database = Any>,
     backend: Backend,
@@ -132,8 +117,7 @@ pub async fn as_of_many<'c>(
     let mut out = HashMap::with_capacity(points.len());
     for row in query.fetch_all(conn).await? {
         let timestamp = |column: &str| -> Result<Timestamp, DbError> {
-            let text: String = row.try_get(column)?;
-            Timestamp::try_from(text).map_err(|e| DbError::Sqlx(sqlx::Error::Decode(e.into())))
+            super::decode_timestamp(row.try_get(column)?)
         };
         let point = (
             row.try_get("organization_id")?,

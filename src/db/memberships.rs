@@ -17,15 +17,18 @@ pub(super) const UPSERT_CONFLICT: &str = "ON CONFLICT (organization_id, user_id)
      workos_role_slug = excluded.workos_role_slug, status = excluded.status, \
      version = excluded.version, updated_at = excluded.updated_at";
 
+/// [`get`]'s statement.
+pub(super) static GET: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!("SELECT {COLUMNS} FROM memberships WHERE organization_id = $1 AND user_id = $2")
+});
+
 /// The stored row of one membership.
 pub async fn get<'c>(
     conn: impl Executor<'c, Database = Any>,
     organization_id: &str,
     user_id: &str,
 ) -> Result<Option<Membership>, DbError> {
-    let sql =
-        format!("SELECT {COLUMNS} FROM memberships WHERE organization_id = $1 AND user_id = $2");
-    Ok(sqlx::query_as(&sql)
+    Ok(sqlx::query_as(&GET)
         .bind(organization_id)
         .bind(user_id)
         .fetch_optional(conn)

@@ -12,7 +12,7 @@ use sqlx::{PgConnection, Row};
 
 use super::inbox::InboxRow;
 use super::store::{BatchStore, Snapshot, TrailPoint, Writes};
-use super::{audit, lock_names, memberships, DbError, Key};
+use super::{audit, decode_timestamp, lock_names, memberships, DbError, Key};
 use crate::reconcile::{HistoryMark, Membership};
 use crate::timestamp::Timestamp;
 
@@ -63,10 +63,6 @@ static WRITE: LazyLock<String> = LazyLock::new(|| {
 /// [`BatchStore`] on a native PostgreSQL connection inside a transaction.
 pub struct PgStore<'a> {
     pub conn: &'a mut PgConnection,
-}
-
-fn decode_timestamp(text: String) -> Result<Timestamp, DbError> {
-    Timestamp::try_from(text).map_err(|e| DbError::Sqlx(sqlx::Error::Decode(e.into())))
 }
 
 fn texts<T>(rows: &[T], column: impl Fn(&T) -> Option<String>) -> Vec<Option<String>> {

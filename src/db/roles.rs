@@ -5,18 +5,6 @@ use sqlx::{Any, Executor};
 use super::DbError;
 use crate::timestamp::Timestamp;
 
-/// Whether `slug` is a known role.
-pub async fn exists<'c>(
-    conn: impl Executor<'c, Database = Any>,
-    slug: &str,
-) -> Result<bool, DbError> {
-    let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM roles WHERE slug = $1")
-        .bind(slug)
-        .fetch_optional(conn)
-        .await?;
-    Ok(found.is_some())
-}
-
 /// Every known slug, sorted.
 pub async fn list<'c>(conn: impl Executor<'c, Database = Any>) -> Result<Vec<String>, DbError> {
     Ok(sqlx::query_scalar("SELECT slug FROM roles ORDER BY slug")

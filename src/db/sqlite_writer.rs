@@ -24,12 +24,6 @@ use crate::timestamp::Timestamp;
 /// Prepared statements kept per connection: every statement the writer runs has one fixed text.
 const STATEMENT_CACHE: usize = 16;
 
-static GET_MEMBERSHIP: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "SELECT {} FROM memberships WHERE organization_id = ?1 AND user_id = ?2",
-        memberships::COLUMNS
-    )
-});
 static UPSERT_MEMBERSHIP: LazyLock<String> = LazyLock::new(|| {
     format!(
         "INSERT INTO memberships ({}) VALUES {} {}",
@@ -268,7 +262,7 @@ impl SqliteStore<'_> {
     }
 
     fn memberships(&mut self, keys: &[&Key]) -> Result<HashMap<Key, Membership>, DbError> {
-        let mut statement = self.conn.prepare_cached(&GET_MEMBERSHIP)?;
+        let mut statement = self.conn.prepare_cached(&memberships::GET)?;
         let mut rows = HashMap::with_capacity(keys.len());
         for (org, user) in keys {
             if let Some(row) = statement.query_row([org, user], membership).optional()? {
