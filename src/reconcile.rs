@@ -352,28 +352,21 @@ pub async fn reconcile_batch(
     reconcile_in(&mut SqlxStore { conn, db }, observations, now).await
 }
 
-/// [`reconcile_batch`] in any [`BatchStore`]'s transaction: takes the locks, then reconciles.
+/// [`reconcile_batch`] in any [`BatchStore`]'s transaction: takes the locks of every membership the
+/// observations touch (one statement on PostgreSQL; on SQLite the write transaction already excludes
+/// other writers), reads them, runs the rules and writes the plan.
 pub async fn reconcile_in<S: BatchStore>(
     store: &mut S,
     observations: &[&Observation],
     now: Timestamp,
 ) -> Result<Vec<Outcome>, DbError> {
-    lock_memberships_of(store, observations).await?;
-    let plan = plan_locked(store, observations, now).await?;
+    let keys = sorted_keys(observations);
+    let keys: Vec<&Key> = keys.iter().collect();
+    store.lock_memberships(&keys).await?;
+    let snapshot = store.read(&[], &keys).await?;
+    let plan = plan_with(store, snapshot, observations, now).await?;
     store.write(&plan.writes(), &[], now).await?;
     Ok(plan.outcomes)
-}
-
-/// Takes the lock of every membership these observations touch, until the transaction ends (one
-/// statement on PostgreSQL; on SQLite the write transaction already excludes other writers).
-pub async fn lock_memberships_of<S: BatchStore>(
-    store: &mut S,
-    observations: &[&Observation],
-) -> Result<(), DbError> {
-    let keys = sorted_keys(observations);
-    store
-        .lock_memberships(&keys.iter().collect::<Vec<_>>())
-        .await
 }
 
 /// The memberships these observations touch, sorted and distinct.
@@ -404,21 +397,9 @@ impl Plan {
     }
 }
 
-/// Runs the rules over the observations, in order, in any [`BatchStore`] whose transaction already
-/// holds, through [`lock_memberships_of`], the lock of every membership they touch; reads only.
-/// Each observation sees the decisions before it; the caller writes the [`Plan`].
-pub async fn plan_locked<S: BatchStore>(
-    store: &mut S,
-    observations: &[&Observation],
-    now: Timestamp,
-) -> Result<Plan, DbError> {
-    let keys = sorted_keys(observations);
-    let snapshot = store.read(&[], &keys.iter().collect::<Vec<_>>()).await?;
-    plan_with(store, snapshot, observations, now).await
-}
-
-/// [`plan_locked`] from a [`Snapshot`] the caller read after taking the locks; its memberships must
-/// include every one the observations touch.
+/// Runs the rules over the observations, in order, from a [`Snapshot`] the caller read after taking
+/// the lock of every membership they touch (its memberships must include all of them); reads only
+/// stale trails. Each observation sees the decisions before it; the caller writes the [`Plan`].
 pub async fn plan_with<S: BatchStore>(
     store: &mut S,
     snapshot: Snapshot,

@@ -12,7 +12,7 @@ use sqlx::{PgConnection, Row};
 
 use super::inbox::InboxRow;
 use super::store::{BatchStore, Snapshot, TrailPoint, Writes};
-use super::{audit, decode_timestamp, lock_names, memberships, DbError, Key};
+use super::{audit, decode_timestamp, inbox, lock_names, memberships, DbError, Key};
 use crate::reconcile::{HistoryMark, Membership};
 use crate::timestamp::Timestamp;
 
@@ -47,8 +47,7 @@ static WRITE: LazyLock<String> = LazyLock::new(|| {
         "WITH m AS (INSERT INTO memberships ({membership_columns}) SELECT * FROM unnest({m}) {conflict} RETURNING 1), \
          a AS ({audit} SELECT {audit_columns} FROM unnest({a}) WITH ORDINALITY AS r({audit_columns}, n) \
          ORDER BY n RETURNING 1), \
-         e AS (INSERT INTO webhook_events (event_id, event_type, payload, outcome, received_at) \
-         SELECT r.e, r.t, r.p, r.o, $27 FROM unnest({e}) AS r(e, t, p, o) \
+         e AS ({inbox} SELECT r.e, r.t, r.p, r.o, $27 FROM unnest({e}) AS r(e, t, p, o) \
          ON CONFLICT (event_id) DO NOTHING RETURNING 1) \
          SELECT COUNT(*) FROM e",
         membership_columns = memberships::COLUMNS,
@@ -56,6 +55,7 @@ static WRITE: LazyLock<String> = LazyLock::new(|| {
         conflict = memberships::UPSERT_CONFLICT,
         audit = audit::INSERT.trim_end_matches(" VALUES"),
         a = arrays(9, 14),
+        inbox = inbox::INSERT.trim_end_matches(" VALUES"),
         e = arrays(23, 4),
     )
 });

@@ -65,9 +65,7 @@ impl SqliteWriter {
     /// Begins a write transaction that takes the write lock up front (`BEGIN IMMEDIATE`), after
     /// rolling back one an interrupted batch may have left open. The caller holds the writer turn.
     pub fn begin(&mut self) -> Result<SqliteStore<'_>, DbError> {
-        if !self.conn.is_autocommit() {
-            self.conn.execute_batch("ROLLBACK")?;
-        }
+        self.rollback()?;
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         Ok(SqliteStore {
             conn: &mut self.conn,
@@ -126,7 +124,7 @@ impl Checkpointer {
 /// writer. Under a steady stream of commits a passive checkpoint never finds the WAL fully copied, so
 /// the WAL would only grow: once it holds [`RESTART_FRAMES`], the checkpointer takes the writer turn
 /// and restarts it (copying the few frames committed since the passive pass), so that the next
-/// write starts at the beginning of the file again. Stops when the writer is dropped.
+/// write starts at the beginning of the file again. Stops when the last [`Checkpointer`] is dropped.
 fn checkpoint_after_commits(
     conn: &Connection,
     commits: &Receiver<()>,

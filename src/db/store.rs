@@ -15,8 +15,8 @@ use crate::timestamp::Timestamp;
 pub type TrailPoint<'a> = (&'a str, &'a str, Timestamp);
 
 /// Reads and writes inside one write transaction that the caller begins and ends.
-// Every implementation is used where its concrete type is known, so the futures' auto traits
-// (Send for the PostgreSQL committers) are inferred there.
+// Every implementation is used where its concrete type is known, so the futures' auto traits are
+// inferred there; none needs to be named.
 #[allow(async_fn_in_trait)]
 pub trait BatchStore {
     /// Locks these memberships (sorted, distinct) until the transaction ends.
@@ -24,7 +24,8 @@ pub trait BatchStore {
     /// What a batch reads once it holds its locks: which of these event ids the inbox holds, the
     /// stored rows of these memberships and every known role.
     async fn read(&mut self, event_ids: &[&str], keys: &[&Key]) -> Result<Snapshot, DbError>;
-    /// [`audit::as_of`] for each point; a point with no trail is absent.
+    /// The audit trail of each point as of its version ([`audit::as_of_many`]); a point with no
+    /// trail is absent.
     async fn trails(
         &mut self,
         points: &[TrailPoint<'_>],
