@@ -10,6 +10,7 @@ use rolesync::webhook::signature;
 use serde_json::Value;
 use tokio::time::Instant;
 
+use crate::http1::{Answer, Http1};
 use crate::model::Outcome;
 use crate::workload::Workload;
 
@@ -35,8 +36,7 @@ struct Delivery {
 
 /// Everything needed to send delivery `i` of the run.
 pub struct Deliveries {
-    client: reqwest::Client,
-    url: String,
+    client: Http1,
     secret: String,
     items: Vec<Delivery>,
     signed_at: Instant,
@@ -51,7 +51,7 @@ fn now_ms() -> i64 {
 
 impl Deliveries {
     /// Serializes every body of the send order (a resend shares its original's bytes), unsigned.
-    pub fn prepare(w: &Workload, client: reqwest::Client, base_url: &str, secret: &str) -> Self {
+    pub fn prepare(w: &Workload, client: Http1, secret: &str) -> Self {
         let bodies: Vec<Bytes> = (0..w.events.len())
             .map(|seq| Bytes::from(w.body(seq)))
             .collect();
@@ -66,7 +66,6 @@ impl Deliveries {
             .collect();
         Self {
             client,
-            url: format!("{base_url}/webhooks/workos"),
             secret: secret.to_owned(),
             items,
             signed_at: Instant::now(),
@@ -105,39 +104,34 @@ impl Deliveries {
         } else {
             d.signature.as_str()
         };
-        let sent = self
-            .client
-            .post(&self.url)
-            .header("content-type", "application/json")
-            .header("WorkOS-Signature", signature)
-            .body(d.body.clone())
-            .send()
-            .await;
+        let headers = [
+            ("content-type", "application/json"),
+            ("WorkOS-Signature", signature),
+        ];
+        let sent = self.client.post(PATH, &headers, &d.body).await;
         match sent {
-            Ok(response) => read_reply(response, &d.event_id).await,
+            Ok(answer) => read_reply(answer, &d.event_id),
             Err(e) => transport(e),
         }
     }
 }
 
-fn transport(e: reqwest::Error) -> Reply {
+const PATH: &str = "/webhooks/workos";
+
+fn transport(e: anyhow::Error) -> Reply {
     Reply::Rejected {
         key: "transport error".into(),
-        message: e.to_string(),
+        message: format!("{e:#}"),
     }
 }
 
-async fn read_reply(response: reqwest::Response, event_id: &str) -> Reply {
-    let status = response.status();
-    let bytes = match response.bytes().await {
-        Ok(b) => b,
-        Err(e) => return transport(e),
-    };
+fn read_reply(answer: Answer, event_id: &str) -> Reply {
+    let (status, bytes) = (answer.status, answer.body);
     let json: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    if !status.is_success() {
+    if !(200..300).contains(&status) {
         let code = json["error"].as_str().unwrap_or("(no error code)");
         return Reply::Rejected {
-            key: format!("HTTP {} {code}", status.as_u16()),
+            key: format!("HTTP {status} {code}"),
             message: json["message"].as_str().unwrap_or_default().to_owned(),
         };
     }
@@ -145,8 +139,7 @@ async fn read_reply(response: reqwest::Response, event_id: &str) -> Reply {
     match outcome {
         Some(o) if json["event_id"].as_str() == Some(event_id) => Reply::Outcome(o),
         _ => Reply::Unplaced(format!(
-            "HTTP {} {} for {event_id}",
-            status.as_u16(),
+            "HTTP {status} {} for {event_id}",
             String::from_utf8_lossy(&bytes)
         )),
     }

@@ -3,6 +3,7 @@
 
 mod deliver;
 mod fake_workos;
+mod http1;
 mod ledger;
 mod login;
 mod model;

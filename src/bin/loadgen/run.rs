@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use rolesync::db::Db;
 
 use crate::deliver::{Deliveries, Reply};
+use crate::http1::Http1;
 use crate::ledger::{self, Ledger, Snapshot};
 use crate::model::{self, Outcome, Tally};
 use crate::report::{Figures, Setup, WebhookReport};
@@ -108,9 +109,11 @@ async fn send_all(
     server: &Server,
     secret: &str,
 ) -> (Run<Reply>, usize, Duration) {
-    let client = send::client();
-    send::warm_up(&client, &server.url, args.common.concurrency).await;
-    let mut deliveries = Deliveries::prepare(w, client, &server.url, secret);
+    let client = Http1::new(&server.url).expect("the server's URL is http://ip:port");
+    if let Err(e) = client.warm_up(args.common.concurrency).await {
+        eprintln!("loadgen: warming up: {e:#}");
+    }
+    let mut deliveries = Deliveries::prepare(w, client, secret);
     let signing = deliveries.sign_all();
     let deliveries = Arc::new(deliveries);
     let n = deliveries.len();

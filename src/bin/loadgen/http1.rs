@@ -1,0 +1,202 @@
+//! A lean HTTP/1.1 client for the webhook run: keep-alive connections to the server under test, each
+//! request written with one `write`, each answer read by its `Content-Length`. The generator shares
+//! the machine's two cores with the server, so what it spends the server does not get: through
+//! reqwest (URL parsing, header maps, the pool, a task hop per request) it took about half its CPU in
+//! its own user space.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// An answer: status and body.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// A keep-alive connection and what it has read past the last answer.
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// Connections to one server (`http://host:port`), reused and opened as needed.
+pub struct Http1 {
+    addr: SocketAddr,
+    host: String,
+    idle: Mutex<Vec<Conn>>,
+}
+
+/// Longest wait for one exchange.
+const TIMEOUT: Duration = Duration::from_secs(120);
+const MAX_HEAD: usize = 64 * 1024;
+
+impl Http1 {
+    pub fn new(base_url: &str) -> Result<Self> {
+        let host = base_url
+            .strip_prefix("http://")
+            .with_context(|| format!("{base_url} is not an http:// URL"))?
+            .trim_end_matches('/');
+        Ok(Self {
+            addr: host
+                .parse()
+                .with_context(|| format!("{host} is not ip:port"))?,
+            host: host.to_owned(),
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Opens `n` connections now, so the run starts warm.
+    pub async fn warm_up(&self, n: usize) -> Result<()> {
+        for _ in 0..n {
+            let conn = self.open().await?;
+            self.idle.lock().expect("not poisoned").push(conn);
+        }
+        Ok(())
+    }
+
+    /// `POST path` with these headers and body.
+    pub async fn post(&self, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Result<Answer> {
+        let mut request = Vec::with_capacity(160 + body.len());
+        let _ = write!(
+            request,
+            "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-length: {}\r\n",
+            self.host,
+            body.len()
+        );
+        for (name, value) in headers {
+            let _ = write!(request, "{name}: {value}\r\n");
+        }
+        request.extend_from_slice(b"\r\n");
+        request.extend_from_slice(body);
+        let idle = self.idle.lock().expect("not poisoned").pop();
+        let mut conn = match idle {
+            Some(conn) => conn,
+            None => self.open().await?,
+        };
+        let (answer, keep) = tokio::time::timeout(TIMEOUT, conn.exchange(&request))
+            .await
+            .context("no answer within 120 s")??;
+        if keep {
+            self.idle.lock().expect("not poisoned").push(conn);
+        }
+        Ok(answer)
+    }
+
+    async fn open(&self) -> Result<Conn> {
+        let stream = TcpStream::connect(self.addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Conn {
+            stream,
+            buf: Vec::with_capacity(4096),
+        })
+    }
+}
+
+impl Conn {
+    /// Writes the request and reads one answer; also says whether the connection may be reused.
+    async fn exchange(&mut self, request: &[u8]) -> Result<(Answer, bool)> {
+        self.stream.write_all(request).await?;
+        let head = loop {
+            if let Some(head) = parse_head(&self.buf)? {
+                break head;
+            }
+            if self.buf.len() > MAX_HEAD {
+                bail!("an answer head over {MAX_HEAD} bytes");
+            }
+            self.fill().await?;
+        };
+        let end = head.len + head.body_len;
+        while self.buf.len() < end {
+            self.fill().await?;
+        }
+        let body = self.buf[head.len..end].to_vec();
+        self.buf.drain(..end);
+        Ok((
+            Answer {
+                status: head.status,
+                body,
+            },
+            !head.close,
+        ))
+    }
+
+    async fn fill(&mut self) -> Result<()> {
+        self.buf.reserve(4096);
+        if self.stream.read_buf(&mut self.buf).await? == 0 {
+            bail!("the server closed the connection");
+        }
+        Ok(())
+    }
+}
+
+/// What an answer's head says.
+#[derive(Debug, PartialEq, Eq)]
+struct Head {
+    status: u16,
+    /// Bytes of the head itself.
+    len: usize,
+    /// `Content-Length` (0 when absent).
+    body_len: usize,
+    /// `Connection: close`.
+    close: bool,
+}
+
+/// The head, once `buf` holds all of it.
+fn parse_head(buf: &[u8]) -> Result<Option<Head>> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut response = httparse::Response::new(&mut headers);
+    let len = match response.parse(buf)? {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => return Ok(None),
+    };
+    let (mut length, mut close) = (None, false);
+    for h in response.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            length = Some(std::str::from_utf8(h.value)?.trim().parse::<usize>()?);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            bail!("a chunked answer (only Content-Length is read)");
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            close = h.value.eq_ignore_ascii_case(b"close");
+        }
+    }
+    Ok(Some(Head {
+        status: response.code.context("an answer without a status")?,
+        len,
+        body_len: length.unwrap_or(0),
+        close,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_head_is_read_with_its_length_and_connection() {
+        let full = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+        let head = |status, len, body_len, close| {
+            Some(Head {
+                status,
+                len,
+                body_len,
+                close,
+            })
+        };
+        assert_eq!(parse_head(full).unwrap(), head(200, 38, 2, false));
+        assert_eq!(parse_head(&full[..20]).unwrap(), None);
+        let closing =
+            b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(
+            parse_head(closing).unwrap(),
+            head(413, closing.len(), 0, true)
+        );
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").is_err());
+    }
+}
