@@ -327,7 +327,7 @@ async fn deliver_into<S: BatchStore>(
             .zip(outcomes)
             .map(|((i, _), o)| (*i, o.as_str())),
     );
-    let rows: Vec<InboxRow> = fresh
+    let mut rows: Vec<InboxRow> = fresh
         .iter()
         .map(|&i| InboxRow {
             event_id: &batch[i].event_id,
@@ -336,6 +336,9 @@ async fn deliver_into<S: BatchStore>(
             outcome: answers[&i],
         })
         .collect();
+    // Events of no membership take no lock above, so two replicas can hold the same ids; inserted in
+    // one order (by id), the second waits for the first instead of deadlocking with it.
+    rows.sort_unstable_by_key(|r| r.event_id);
     let inserted = store.write(&plan.writes(), &rows, now).await?;
     if inserted != rows.len() as u64 {
         // Another transaction (another replica) stored one of these ids since the read above.

@@ -398,3 +398,81 @@ async fn the_sqlite_checkpointer_keeps_the_wal_small_under_steady_commits() {
 async fn the_sqlite_checkpointer_keeps_the_wal_small_under_steady_pool_commits() {
     wal_stays_small(true).await;
 }
+
+/// Two replicas' batches can share events of no membership, which take no lock: each batch inserts
+/// its inbox rows in event-id order, so a batch of `[y, x]` that meets another transaction's
+/// uncommitted `x` waits for it before it takes `y`, and that transaction can still store `y`
+/// (inserted in the order given, the batch would hold `y` while waiting for `x`: a deadlock, and
+/// PostgreSQL would abort one of the two).
+#[tokio::test]
+async fn batches_sharing_unlocked_events_wait_for_each_other_instead_of_deadlocking() {
+    use rolesync::webhook::deliver_batch_pg;
+    use sqlx::{Connection, Executor};
+    let t = TestDb::new(Backend::Postgres).await;
+    let ignored = |id: &str| {
+        let body = format!(r#"{{"id":"{id}","event":"user.updated","data":{{}}}}"#);
+        Incoming::parse(body.as_bytes(), Source::Webhook).unwrap()
+    };
+    let insert = |id: &str| {
+        format!(
+            "INSERT INTO webhook_events (event_id, event_type, received_at, outcome) \
+             VALUES ('{id}', 'user.updated', '2026-11-25T12:00:00.000Z', 'ignored')"
+        )
+    };
+    let mut other = sqlx::PgConnection::connect(&t.url).await.unwrap();
+    let mut other_tx = other.begin().await.unwrap();
+    other_tx.execute(insert("x").as_str()).await.unwrap();
+
+    let mut mine =
+        t.db.postgres_committer()
+            .await
+            .unwrap()
+            .expect("PostgreSQL");
+    let batch = vec![ignored("y"), ignored("x")];
+    let committed = tokio::spawn(async move {
+        let result = deliver_batch_pg(&mut mine, &batch, Timestamp::now()).await;
+        (result, mine)
+    });
+    let waiting = || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(t.db.pool())
+        .await
+        .unwrap();
+        n
+    };
+    let mut tries = 0;
+    while waiting().await == 0 {
+        tries += 1;
+        assert!(tries < 500, "the batch never waited for the uncommitted x");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    other_tx
+        .execute(insert("y").as_str())
+        .await
+        .expect("y is free: the batch waits for x before it takes y");
+    assert_eq!(
+        waiting().await,
+        1,
+        "the batch still waits for x, not aborted as a deadlock victim"
+    );
+    other_tx.commit().await.unwrap();
+
+    let (result, mut mine) = committed.await.unwrap();
+    assert!(
+        matches!(result, Err(db::DbError::Conflict)),
+        "both ids were stored meanwhile: {result:?}"
+    );
+    let batch = vec![ignored("y"), ignored("x")];
+    let again = deliver_batch_pg(&mut mine, &batch, Timestamp::now())
+        .await
+        .unwrap();
+    let outcomes: Vec<&str> = again.iter().map(|r| r.outcome.as_str()).collect();
+    assert_eq!(
+        outcomes,
+        ["duplicate", "duplicate"],
+        "the retry finds both stored"
+    );
+}
