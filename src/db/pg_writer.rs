@@ -37,7 +37,8 @@ static READ: LazyLock<String> = LazyLock::new(|| {
 });
 
 /// The one write statement of a batch: memberships ($1-$8), audit rows ($9-$22, inserted in array
-/// order so that ids ascend in slice order), deliveries ($23-$26) received at $27.
+/// order so that ids ascend in slice order), deliveries ($23-$26, inserted in array order, which the
+/// caller sorts by event id) received at $27.
 static WRITE: LazyLock<String> = LazyLock::new(|| {
     let audit_columns = (1..=14)
         .map(|i| format!("c{i}"))
@@ -47,8 +48,8 @@ static WRITE: LazyLock<String> = LazyLock::new(|| {
         "WITH m AS (INSERT INTO memberships ({membership_columns}) SELECT * FROM unnest({m}) {conflict} RETURNING 1), \
          a AS ({audit} SELECT {audit_columns} FROM unnest({a}) WITH ORDINALITY AS r({audit_columns}, n) \
          ORDER BY n RETURNING 1), \
-         e AS ({inbox} SELECT r.e, r.t, r.p, r.o, $27 FROM unnest({e}) AS r(e, t, p, o) \
-         ON CONFLICT (event_id) DO NOTHING RETURNING 1) \
+         e AS ({inbox} SELECT r.e, r.t, r.p, r.o, $27 FROM unnest({e}) WITH ORDINALITY AS r(e, t, p, o, n) \
+         ORDER BY n ON CONFLICT (event_id) DO NOTHING RETURNING 1) \
          SELECT COUNT(*) FROM e",
         membership_columns = memberships::COLUMNS,
         m = arrays(1, 8),

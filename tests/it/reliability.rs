@@ -428,6 +428,10 @@ async fn batches_sharing_unlocked_events_wait_for_each_other_instead_of_deadlock
             .await
             .unwrap()
             .expect("PostgreSQL");
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut mine)
+        .await
+        .unwrap();
     let batch = vec![ignored("y"), ignored("x")];
     let committed = tokio::spawn(async move {
         let result = deliver_batch_pg(&mut mine, &batch, Timestamp::now()).await;
@@ -435,18 +439,20 @@ async fn batches_sharing_unlocked_events_wait_for_each_other_instead_of_deadlock
     });
     let waiting = || async {
         let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
         )
+        .bind(pid)
         .fetch_one(t.db.pool())
         .await
         .unwrap();
         n
     };
-    let mut tries = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while waiting().await == 0 {
-        tries += 1;
-        assert!(tries < 500, "the batch never waited for the uncommitted x");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the batch never waited for the uncommitted x"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     other_tx

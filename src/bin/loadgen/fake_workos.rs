@@ -57,7 +57,9 @@ pub fn version_of(i: usize) -> i64 {
     BASE_MS + i as i64
 }
 
-/// Serves on 127.0.0.1:0 in this runtime; returns the base URL and the counters.
+/// Serves on 127.0.0.1:0 on a thread and runtime of its own (WorkOS is another server: sharing the
+/// load generator's thread, its answers would wait behind the logins' and count as rolesync's time);
+/// returns the base URL and the counters.
 pub async fn start(delay: Duration) -> Result<(String, Arc<Fake>)> {
     let fake = Arc::new(Fake {
         delay,
@@ -67,11 +69,20 @@ pub async fn start(delay: Duration) -> Result<(String, Arc<Fake>)> {
         .route("/user_management/organization_memberships", get(list))
         .fallback(other)
         .with_state(fake.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
     let url = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("stand-in-workos".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                axum::serve(listener, router).await
+            })
+        })?;
     Ok((url, fake))
 }
 

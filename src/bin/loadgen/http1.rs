@@ -76,11 +76,15 @@ impl Http1 {
         request.extend_from_slice(b"\r\n");
         request.extend_from_slice(body);
         let idle = self.idle.lock().expect("not poisoned").pop();
-        let mut conn = match idle {
-            Some(conn) => conn,
-            None => self.open().await?,
+        let exchange = async {
+            let mut conn = match idle {
+                Some(conn) => conn,
+                None => self.open().await?,
+            };
+            let (answer, keep) = conn.exchange(&request).await?;
+            anyhow::Ok((answer, keep, conn))
         };
-        let (answer, keep) = tokio::time::timeout(TIMEOUT, conn.exchange(&request))
+        let (answer, keep, conn) = tokio::time::timeout(TIMEOUT, exchange)
             .await
             .context("no answer within 120 s")??;
         if keep {
@@ -118,12 +122,14 @@ impl Conn {
         }
         let body = self.buf[head.len..end].to_vec();
         self.buf.drain(..end);
+        // Requests are never pipelined: bytes beyond the answer mean the stream is out of step.
+        let keep = !head.close && self.buf.is_empty();
         Ok((
             Answer {
                 status: head.status,
                 body,
             },
-            !head.close,
+            keep,
         ))
     }
 
@@ -142,7 +148,7 @@ struct Head {
     status: u16,
     /// Bytes of the head itself.
     len: usize,
-    /// `Content-Length` (0 when absent).
+    /// `Content-Length` (0 for 1xx, 204 and 304 without one).
     body_len: usize,
     /// `Connection: close`.
     close: bool,
@@ -163,13 +169,24 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>> {
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             bail!("a chunked answer (only Content-Length is read)");
         } else if h.name.eq_ignore_ascii_case("connection") {
-            close = h.value.eq_ignore_ascii_case(b"close");
+            close |= std::str::from_utf8(h.value)
+                .unwrap_or("")
+                .split(',')
+                .any(|token| token.trim().eq_ignore_ascii_case("close"));
         }
     }
+    // HTTP/1.0 closes unless asked otherwise.
+    close |= response.version == Some(0);
+    let status = response.code.context("an answer without a status")?;
+    let body_len = match length {
+        Some(n) => n,
+        None if status == 204 || status == 304 || status < 200 => 0,
+        None => bail!("an answer without Content-Length (only Content-Length is read)"),
+    };
     Ok(Some(Head {
-        status: response.code.context("an answer without a status")?,
+        status,
         len,
-        body_len: length.unwrap_or(0),
+        body_len,
         close,
     }))
 }
@@ -198,5 +215,13 @@ mod tests {
             head(413, closing.len(), 0, true)
         );
         assert!(parse_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").is_err());
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\n\r\n").is_err(), "no length");
+        let listed = b"HTTP/1.1 204 No Content\r\nConnection: keep-alive, Close\r\n\r\n";
+        assert_eq!(
+            parse_head(listed).unwrap(),
+            head(204, listed.len(), 0, true)
+        );
+        let old = b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(parse_head(old).unwrap(), head(200, old.len(), 0, true));
     }
 }
