@@ -246,7 +246,8 @@ pub async fn login(
 }
 
 /// Fetches the membership within the budget and reconciles it; on a WorkOS failure answers from the
-/// database without writing.
+/// database without writing. The stored row is read while WorkOS answers, so a login that changes
+/// nothing needs no database work after the fetch.
 pub async fn refresh(
     app: &AppState,
     user_id: &str,
@@ -254,17 +255,26 @@ pub async fn refresh(
     source: Source,
 ) -> Result<LoginAnswer, LoginError> {
     let deadline = Instant::now() + app.login.budget;
-    let fetched = app
-        .login
-        .workos
-        .find_membership(user_id, organization_id, deadline)
-        .await;
-    let observation = match fetched {
-        Ok(found) => observe(app, user_id, organization_id, found, source).await,
-        Err(e) => Err(e),
-    };
+    let (fetched, stored) = tokio::join!(
+        app.login
+            .workos
+            .find_membership(user_id, organization_id, deadline),
+        db::memberships::get_with_role(app.db.pool(), organization_id, user_id),
+    );
+    // A failed read only costs the shortcut: the write path reads again.
+    let stored = stored.ok().flatten();
+    let observation = fetched.and_then(|found| {
+        observe(
+            app,
+            user_id,
+            organization_id,
+            found,
+            stored.as_ref(),
+            source,
+        )
+    });
     match observation {
-        Ok(obs) => apply(app, &obs).await,
+        Ok(obs) => apply(app, &obs, stored.as_ref()).await,
         Err(e) => {
             tracing::warn!(user_id, organization_id, error = %e, "WorkOS gave no answer; using the stored row");
             from_database(app, user_id, organization_id, Some(e.reason())).await
@@ -273,24 +283,23 @@ pub async fn refresh(
 }
 
 /// The observation a fetch makes: the membership found, or a deletion versioned at the fetch time.
-async fn observe(
+fn observe(
     app: &AppState,
     user_id: &str,
     organization_id: &str,
     found: Option<crate::workos::ApiMembership>,
+    stored: Option<&(Membership, bool)>,
     source: Source,
 ) -> Result<Observation, WorkosError> {
     if let Some(m) = found {
         return m.observation(source);
     }
-    let stored = db::memberships::get(app.db.pool(), organization_id, user_id)
-        .await
-        .ok()
-        .flatten();
     Ok(Observation {
         organization_id: organization_id.to_owned(),
         user_id: user_id.to_owned(),
-        membership_id: stored.map(|s| s.membership_id).unwrap_or_default(),
+        membership_id: stored
+            .map(|(s, _)| s.membership_id.clone())
+            .unwrap_or_default(),
         role_slug: None,
         status: DELETED.to_owned(),
         deleted: true,
@@ -300,9 +309,13 @@ async fn observe(
     })
 }
 
-async fn apply(app: &AppState, obs: &Observation) -> Result<LoginAnswer, LoginError> {
+async fn apply(
+    app: &AppState,
+    obs: &Observation,
+    stored: Option<&(Membership, bool)>,
+) -> Result<LoginAnswer, LoginError> {
     let storage = |e: db::DbError| LoginError::StorageUnavailable(e.to_string());
-    let (outcome, row) = reconcile_and_read(&app.db, obs, app.clock.now())
+    let (outcome, row) = reconcile_and_read(&app.db, obs, app.clock.now(), stored)
         .await
         .map_err(storage)?;
     let mut answer = answer_of(&obs.user_id, &obs.organization_id, row.as_ref(), "workos");

@@ -296,19 +296,28 @@ fn audit(
     }
 }
 
-/// Reconciles one observation in its own transaction.
+/// Reconciles one observation in its own transaction (none when a read shows it would write
+/// nothing).
 pub async fn reconcile(db: &Db, obs: &Observation, now: Timestamp) -> Result<Outcome, DbError> {
-    Ok(reconcile_and_read(db, obs, now).await?.0)
+    let stored =
+        db::memberships::get_with_role(db.pool(), &obs.organization_id, &obs.user_id).await?;
+    Ok(reconcile_and_read(db, obs, now, stored.as_ref()).await?.0)
 }
 
-/// [`reconcile`], also returning the membership's row as stored afterwards.
+/// Reconciles one observation and reads the row it leaves. `earlier` is the stored row as a caller
+/// read it before it made the observation, with whether the slug WorkOS last reported for it is a
+/// known role (`None`: nothing stored, or not read). When the rules, run against that row, would
+/// write nothing and answer `unchanged`, that is the answer and nothing is written or locked: the
+/// read is a consistent snapshot, so the login is ordered at the moment of that read. Anything
+/// else goes through a write transaction that reads the row again.
 pub async fn reconcile_and_read(
     db: &Db,
     obs: &Observation,
     now: Timestamp,
+    earlier: Option<&(Membership, bool)>,
 ) -> Result<(Outcome, Option<Membership>), DbError> {
-    if let Some(row) = stored_if_unchanged(db, obs, now).await? {
-        return Ok((Outcome::Unchanged, Some(row)));
+    if let Some((stored, _)) = earlier.filter(|e| writes_nothing(e, obs, now)) {
+        return Ok((Outcome::Unchanged, Some(stored.clone())));
     }
     let mut tx = db.begin_write().await?;
     let outcomes = reconcile_batch(&mut tx, db, &[obs], now).await?;
@@ -317,27 +326,19 @@ pub async fn reconcile_and_read(
     Ok((outcomes[0], row))
 }
 
-/// The stored row, when the rules, run against it as it is now, would write nothing and answer
-/// `unchanged`: then no write transaction (and on SQLite no write lock) is needed, which keeps
-/// repeated logins cheap. One read: the row and whether the observed role is known.
-async fn stored_if_unchanged(
-    db: &Db,
+/// Whether the rules, run against `stored`, answer `unchanged` and write nothing. That needs the
+/// observed slug to be the one WorkOS last reported (otherwise the row would move on), so the
+/// known-ness read with the row is the observed slug's.
+fn writes_nothing(
+    (stored, reported_known): &(Membership, bool),
     obs: &Observation,
     now: Timestamp,
-) -> Result<Option<Membership>, DbError> {
-    let Some((stored, role_known)) = db::memberships::get_with_role(
-        db.pool(),
-        &obs.organization_id,
-        &obs.user_id,
-        obs.role_slug.as_deref(),
-    )
-    .await?
-    else {
-        return Ok(None);
-    };
-    let decision = decide(Some(&stored), obs, role_known, None, now);
-    let unchanged = decision.outcome == Outcome::Unchanged && decision.write.is_none();
-    Ok(unchanged.then_some(stored))
+) -> bool {
+    if obs.role_slug != stored.workos_role_slug {
+        return false;
+    }
+    let decision = decide(Some(stored), obs, *reported_known, None, now);
+    decision.outcome == Outcome::Unchanged && decision.write.is_none()
 }
 
 /// Reconciles observations, in order, inside the caller's write transaction (which the caller

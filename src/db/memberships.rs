@@ -35,12 +35,12 @@ pub async fn get<'c>(
         .await?)
 }
 
-/// The stored row of one membership, and whether `role_slug` is in `roles` (false for none).
+/// The stored row of one membership, and whether the slug WorkOS last reported for it
+/// (`workos_role_slug`) is in `roles` (false for none).
 pub async fn get_with_role<'c>(
     conn: impl Executor<'c, Database = Any>,
     organization_id: &str,
     user_id: &str,
-    role_slug: Option<&str>,
 ) -> Result<Option<(Membership, bool)>, DbError> {
     #[derive(sqlx::FromRow)]
     struct WithRole {
@@ -49,13 +49,13 @@ pub async fn get_with_role<'c>(
         role_known: i64,
     }
     let sql = format!(
-        "SELECT {COLUMNS}, (SELECT COUNT(*) FROM roles WHERE slug = $3) AS role_known \
+        "SELECT {COLUMNS}, \
+         (SELECT COUNT(*) FROM roles WHERE slug = memberships.workos_role_slug) AS role_known \
          FROM memberships WHERE organization_id = $1 AND user_id = $2"
     );
     let row: Option<WithRole> = sqlx::query_as(&sql)
         .bind(organization_id)
         .bind(user_id)
-        .bind(role_slug)
         .fetch_optional(conn)
         .await?;
     Ok(row.map(|r| (r.membership, r.role_known > 0)))

@@ -240,6 +240,30 @@ both! {
         assert_chain(&audit_of(&t.db, "org_1", "user_1").await);
     }
 
+    async fn a_webhook_during_the_fetch_is_kept_and_the_login_answers_what_it_read(t) {
+        // The login reads the stored row while WorkOS answers; a newer webhook lands in between.
+        let fake = FakeWorkos::start().await;
+        let app = Arc::new(login_app(&t.db, &fake, 1500));
+        app.deliver(&membership_event("e1", "created", "user_1", "admin", "active", 3)).await;
+        fake.script([found("user_1", "admin", "active", 3).delayed(Duration::from_millis(300))]);
+        let login = tokio::spawn({
+            let app = app.clone();
+            async move { app.login("user_1").await }
+        });
+        while fake.calls() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (_, hook) = app.deliver(&membership_event("e2", "updated", "user_1", "member", "active", 5)).await;
+        assert_eq!(hook["outcome"], "applied");
+        let (status, answer) = login.await.unwrap();
+        assert_eq!((status, answer["outcome"].as_str(), answer["role"].as_str()), (StatusCode::OK, Some("unchanged"), Some("admin")), "ordered before the webhook: {answer}");
+        let row = membership(&t.db, "org_1", "user_1").await.unwrap();
+        assert_eq!((row.role_slug.as_deref(), row.version), (Some("member"), v(5)), "the newer webhook stays");
+        let audit = audit_of(&t.db, "org_1", "user_1").await;
+        assert_eq!(audit.len(), 2, "created and the webhook's change; the login wrote nothing");
+        assert_chain(&audit);
+    }
+
     async fn the_login_endpoint_checks_its_token_and_body(t) {
         let fake = FakeWorkos::start().await;
         let app = login_app(&t.db, &fake, 1500);
