@@ -1,4 +1,4 @@
-//! A lean HTTP/1.1 client for the webhook run: keep-alive connections to the server under test, each
+//! A lean HTTP/1.1 client for the runs: keep-alive connections to the server under test, each
 //! request written with one `write`, each answer read by its `Content-Length`. The generator shares
 //! the machine's two cores with the server, so what it spends the server does not get: through
 //! reqwest (URL parsing, header maps, the pool, a task hop per request) it took about half its CPU in
@@ -63,10 +63,25 @@ impl Http1 {
 
     /// `POST path` with these headers and body.
     pub async fn post(&self, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Result<Answer> {
+        self.send("POST", path, headers, body).await
+    }
+
+    /// `GET path` (with its query) with these headers.
+    pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Result<Answer> {
+        self.send("GET", path, headers, b"").await
+    }
+
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<Answer> {
         let mut request = Vec::with_capacity(160 + body.len());
         let _ = write!(
             request,
-            "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-length: {}\r\n",
+            "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-length: {}\r\n",
             self.host,
             body.len()
         );

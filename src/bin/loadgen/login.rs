@@ -13,6 +13,7 @@ use rolesync::db::Db;
 use serde_json::{json, Value};
 
 use crate::fake_workos::{self, role_of, version_of, Fake};
+use crate::http1::Http1;
 use crate::ledger::Ledger;
 use crate::report::{ending_json, ending_text, ledger_text, mib, shown_env};
 use crate::run::server_spec;
@@ -37,8 +38,7 @@ enum Reply {
 
 /// Sends the logins of one round, users in a fixed shuffled order.
 struct Logins {
-    client: reqwest::Client,
-    url: String,
+    client: Http1,
     token: String,
     users: Vec<usize>,
 }
@@ -46,22 +46,19 @@ struct Logins {
 impl Logins {
     async fn send(self: Arc<Self>, k: usize) -> Reply {
         let i = self.users[k];
-        let body = json!({"user_id": user_id(i), "organization_id": org_id(i)});
-        let sent = self
-            .client
-            .post(&self.url)
-            .bearer_auth(&self.token)
-            .json(&body)
-            .send()
-            .await;
-        let response = match sent {
+        let body = json!({"user_id": user_id(i), "organization_id": org_id(i)}).to_string();
+        let bearer = format!("Bearer {}", self.token);
+        let headers = [
+            ("content-type", "application/json"),
+            ("authorization", bearer.as_str()),
+        ];
+        let response = match self.client.post(PATH, &headers, body.as_bytes()).await {
             Ok(r) => r,
-            Err(e) => return Reply::Rejected(format!("transport error: {e}")),
+            Err(e) => return Reply::Rejected(format!("transport error: {e:#}")),
         };
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        if !status.is_success() {
-            return Reply::Rejected(format!("HTTP {} {text}", status.as_u16()));
+        let text = String::from_utf8_lossy(&response.body).into_owned();
+        if !(200..300).contains(&response.status) {
+            return Reply::Rejected(format!("HTTP {} {text}", response.status));
         }
         let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         let right = answer["role"] == role_of(i)
@@ -74,6 +71,8 @@ impl Logins {
         }
     }
 }
+
+const PATH: &str = "/v1/reconcile";
 
 /// One round's figures and answers.
 struct Round {
@@ -328,14 +327,12 @@ pub async fn run(args: LoginArgs) -> Result<bool> {
     let server = Server::start(&spec).await?;
     let mut users: Vec<usize> = (0..args.memberships).collect();
     fastrand::shuffle(&mut users);
-    let url = format!("{}/v1/reconcile", server.url);
     let logins = Arc::new(Logins {
-        client: send::client(),
-        url,
+        client: Http1::new(&server.url)?,
         token,
         users,
     });
-    send::warm_up(&logins.client, &server.url, args.common.concurrency).await;
+    logins.client.warm_up(args.common.concurrency).await?;
     let (rounds, states) = two_rounds(&args, &logins, &fake).await?;
     let stats = proc_stats(server.pid())?;
     let ledger = checks(args.memberships, &rounds, &states, &fake);
@@ -366,26 +363,21 @@ async fn direct_round(
     concurrency: usize,
 ) -> Result<Latency> {
     let n = logins.users.len().min(2000);
-    let (target, base) = (logins.clone(), fake_url.to_owned());
+    let stand_in = Arc::new(Http1::new(fake_url)?);
+    stand_in.warm_up(concurrency).await?;
+    let users = logins.clone();
     let run = send::closed_loop(n, concurrency, move |k| {
-        let (target, base) = (target.clone(), base.clone());
+        let (users, stand_in) = (users.clone(), stand_in.clone());
         async move {
-            let i = target.users[k];
-            let url = format!(
-                "{base}/user_management/organization_memberships?user_id={}&organization_id={}",
+            let i = users.users[k];
+            let path = format!(
+                "/user_management/organization_memberships?user_id={}&organization_id={}",
                 user_id(i),
                 org_id(i)
             );
-            let sent = target
-                .client
-                .get(url)
-                .bearer_auth(fake_workos::API_KEY)
-                .send()
-                .await;
-            match sent {
-                Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
-                _ => false,
-            }
+            let bearer = format!("Bearer {}", fake_workos::API_KEY);
+            let sent = stand_in.get(&path, &[("authorization", &bearer)]).await;
+            matches!(sent, Ok(r) if (200..300).contains(&r.status))
         }
     })
     .await;

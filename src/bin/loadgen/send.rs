@@ -112,27 +112,3 @@ where
         max_lag,
     }
 }
-
-/// The HTTP client for the server under test: keep-alive, no proxy, no Nagle.
-pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .tcp_nodelay(true)
-        .pool_idle_timeout(None)
-        .timeout(Duration::from_secs(120))
-        .build()
-        .expect("an HTTP client builds")
-}
-
-/// Opens `n` keep-alive connections (concurrent `GET /healthz`) so the run starts warm.
-pub async fn warm_up(client: &reqwest::Client, base_url: &str, n: usize) {
-    let tasks: Vec<_> = (0..n)
-        .map(|_| {
-            let request = client.get(format!("{base_url}/healthz")).send();
-            tokio::spawn(async move { request.await.map(|r| r.status()) })
-        })
-        .collect();
-    for task in tasks {
-        let _ = task.await;
-    }
-}
