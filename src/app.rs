@@ -44,7 +44,13 @@ impl AppState {
         };
         let metrics = Arc::new(Metrics::new());
         Self {
-            batcher: Batcher::spawn(db.clone(), clock.clone(), workers, metrics.clone()),
+            batcher: Batcher::spawn(
+                db.clone(),
+                clock.clone(),
+                workers,
+                config.max_queued_deliveries as usize,
+                metrics.clone(),
+            ),
             login: LoginService::new(config, metrics.clone()),
             inbound: Inbound::new(config),
             webhook_secrets: config

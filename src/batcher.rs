@@ -18,7 +18,6 @@ use crate::webhook::{deliver_batch_on, deliver_batch_pg, deliver_batch_sqlite, I
 
 /// Most deliveries committed together.
 pub const MAX_BATCH: usize = 256;
-const QUEUE: usize = 8192;
 const TRANSIENT_RETRIES: u32 = 3;
 
 struct Job {
@@ -41,10 +40,21 @@ impl Batcher {
     /// for each other's locks (with one shared queue, two batches of ~100 deliveries over 10,000
     /// memberships shared a membership more often than not, and the second waited for the first to
     /// commit). A delivery of no membership goes by its event id.
-    pub fn spawn(db: Db, clock: SharedClock, workers: usize, metrics: Arc<Metrics>) -> Self {
-        let mut queues = Vec::with_capacity(workers.max(1));
-        for _ in 0..workers.max(1) {
-            let (jobs, mut queue) = mpsc::channel(QUEUE);
+    ///
+    /// At most `queued` deliveries wait in all (split evenly between the queues); a delivery beyond
+    /// that is refused at once with [`SubmitError::Overloaded`] rather than waiting (holding its
+    /// connection and memory) behind a backlog that is only growing.
+    pub fn spawn(
+        db: Db,
+        clock: SharedClock,
+        workers: usize,
+        queued: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let workers = workers.max(1);
+        let mut queues = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let (jobs, mut queue) = mpsc::channel((queued / workers).max(1));
             queues.push(jobs);
             let (db, clock, metrics) = (db.clone(), clock.clone(), metrics.clone());
             // The writers are the serial part of the service: each committer gets a thread of its
@@ -81,15 +91,36 @@ impl Batcher {
     }
 
     /// Stores one delivery with whatever else is waiting; resolves after the commit.
-    pub async fn submit(&self, incoming: Incoming) -> Result<Receipt, DbError> {
+    pub async fn submit(&self, incoming: Incoming) -> Result<Receipt, SubmitError> {
         let (reply, answer) = oneshot::channel();
         let closed = || DbError::Unavailable("the committer has stopped".into());
         let queue = &self.queues[shard(&incoming, self.queues.len())];
         queue
-            .send(Job { incoming, reply })
-            .await
-            .map_err(|_| closed())?;
-        answer.await.map_err(|_| closed())?
+            .try_send(Job { incoming, reply })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => SubmitError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => SubmitError::Storage(closed()),
+            })?;
+        Ok(answer.await.map_err(|_| closed())??)
+    }
+}
+
+/// Why a delivery was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// Its committer's queue is full; nothing was stored.
+    #[error("the group-commit queue is full")]
+    Overloaded,
+    #[error(transparent)]
+    Storage(#[from] DbError),
+}
+
+impl From<SubmitError> for crate::error::AppError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::Overloaded => Self::Overloaded,
+            SubmitError::Storage(e) => Self::StorageUnavailable(e),
+        }
     }
 }
 

@@ -321,6 +321,17 @@ pub struct Config {
     )]
     pub request_timeout_secs: u64,
 
+    /// Webhook deliveries that may wait for a commit; one more is answered 503 `overloaded`
+    #[arg(
+        long,
+        env = "ROLESYNC_MAX_QUEUED_DELIVERIES",
+        value_name = "ROLESYNC_MAX_QUEUED_DELIVERIES",
+        default_value_t = 2048,
+        value_parser = clap::value_parser!(u32).range(1..),
+        global = true
+    )]
+    pub max_queued_deliveries: u32,
+
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish
     #[arg(
         long,

@@ -1,6 +1,6 @@
 //! The request-path error type and its JSON answer `{"error": code, "message": text}`.
 
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
@@ -25,6 +25,8 @@ pub enum AppError {
     WebhooksDisabled,
     #[error("the database is unavailable; retry later")]
     StorageUnavailable(#[source] DbError),
+    #[error("too many deliveries are waiting to be stored; retry later")]
+    Overloaded,
     #[error("missing or wrong bearer token")]
     Unauthorized,
     #[error("no ROLESYNC_LOGIN_TOKEN is configured")]
@@ -51,6 +53,7 @@ impl AppError {
             Self::InvalidEvent(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_event"),
             Self::WebhooksDisabled => (StatusCode::SERVICE_UNAVAILABLE, "webhooks_disabled"),
             Self::StorageUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
+            Self::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::LoginDisabled => (StatusCode::SERVICE_UNAVAILABLE, "login_disabled"),
             Self::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
@@ -74,10 +77,11 @@ impl IntoResponse for AppError {
         } else {
             tracing::info!(status = status.as_u16(), error = code, "request refused");
         }
-        (
-            status,
-            Json(json!({ "error": code, "message": self.to_string() })),
-        )
-            .into_response()
+        let body = Json(json!({ "error": code, "message": self.to_string() }));
+        match self {
+            // Nothing was stored: the sender may come back in a second.
+            Self::Overloaded => (status, [(header::RETRY_AFTER, "1")], body).into_response(),
+            _ => (status, body).into_response(),
+        }
     }
 }

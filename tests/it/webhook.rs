@@ -130,6 +130,55 @@ both! {
         assert_eq!((inbox_count(&t).await, audit_count(&t.db).await), (1, 1));
     }
 
+    async fn a_full_queue_answers_503_overloaded_at_once_and_stores_nothing_for_it(t) {
+        // Queues of one delivery each; a second connection holds the write lock, so each
+        // committer takes one batch and then waits inside it while the rest arrive.
+        let app = std::sync::Arc::new(TestApp::with_config(&t.db, |c| c.max_queued_deliveries = 2));
+        let mut blocker = hold_write_lock(&t).await;
+        let sent = 600;
+        let bodies: Vec<Vec<u8>> = (0..sent)
+            .map(|i| membership_event(&format!("evt_{i}"), "created", &format!("user_{i}"), "admin", "active", 1))
+            .collect();
+        let (done, mut answers) = tokio::sync::mpsc::unbounded_channel();
+        for (i, body) in bodies.iter().enumerate() {
+            let (app, body, done) = (app.clone(), body.clone(), done.clone());
+            tokio::spawn(async move { done.send((i, deliver_with_headers(&app, &body).await)).unwrap() });
+        }
+        // Two committers (PostgreSQL) hold at most a batch each, and each queue one more.
+        let most_accepted = 2 * rolesync::batcher::MAX_BATCH + 2;
+        let mut refused = Vec::new();
+        while refused.len() < sent - most_accepted {
+            let (i, (status, retry_after, answer)) =
+                tokio::time::timeout(std::time::Duration::from_secs(20), answers.recv())
+                    .await
+                    .expect("refusals come while the lock is held")
+                    .unwrap();
+            assert_eq!((status, answer["error"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("overloaded")), "{answer}");
+            assert_eq!(retry_after.as_deref(), Some("1"));
+            refused.push(i);
+        }
+        release_write_lock(&mut blocker).await;
+        drop(done);
+        while let Some((i, (status, _, answer))) = answers.recv().await {
+            match status {
+                StatusCode::OK => assert_eq!(answer["outcome"], "applied", "{answer}"),
+                _ => {
+                    assert_eq!(answer["error"], "overloaded", "{answer}");
+                    refused.push(i);
+                }
+            }
+        }
+        let accepted = (sent - refused.len()) as i64;
+        assert!(accepted >= 1, "the first delivery gets in");
+        assert_eq!((inbox_count(&t).await, audit_count(&t.db).await), (accepted, accepted));
+        // WorkOS retries what was refused; every one applies once.
+        for i in refused {
+            let (status, answer) = app.deliver(&bodies[i]).await;
+            assert_eq!((status, answer["outcome"].as_str()), (StatusCode::OK, Some("applied")), "{answer}");
+        }
+        assert_eq!((inbox_count(&t).await, audit_count(&t.db).await), (sent as i64, sent as i64));
+    }
+
     async fn out_of_order_updates_converge_on_the_newest(t) {
         let app = TestApp::new(&t.db);
         let newest = membership_event("e3", "updated", "user_1", "admin", "active", 3);
@@ -326,4 +375,51 @@ both! {
         let stored: Vec<(&str, &str)> = stored.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
         assert_eq!(stored, [("e1", "applied"), ("e2", "ignored"), ("e3", "applied"), ("e4", "stale"), ("e5", "invalid"), ("e6", "unknown_role")]);
     }
+}
+
+/// Posts a signed delivery; the answer's status, `Retry-After` and JSON body.
+async fn deliver_with_headers(app: &TestApp, body: &[u8]) -> (StatusCode, Option<String>, Value) {
+    use rolesync::timestamp::Clock;
+    use tower::ServiceExt;
+    let header = signature::sign(body, SECRET.as_bytes(), app.clock.now().millis());
+    let request = Request::post("/webhooks/workos")
+        .header("content-type", "application/json")
+        .header("WorkOS-Signature", header)
+        .body(Body::from(body.to_vec()))
+        .unwrap();
+    let response = rolesync::app::build_router(app.state.clone())
+        .oneshot(request)
+        .await
+        .unwrap();
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (
+        status,
+        retry_after,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// A connection of its own that holds what every writer needs: SQLite's write lock, or on
+/// PostgreSQL an exclusive lock on `memberships` (which every batch reads).
+async fn hold_write_lock(t: &TestDb) -> sqlx::AnyConnection {
+    use sqlx::{Connection, Executor};
+    let mut conn = sqlx::AnyConnection::connect(&t.url).await.unwrap();
+    let sql = match t.db.backend() {
+        db::Backend::Sqlite => "BEGIN IMMEDIATE",
+        db::Backend::Postgres => "BEGIN; LOCK TABLE memberships IN ACCESS EXCLUSIVE MODE",
+    };
+    conn.execute(sql).await.unwrap();
+    conn
+}
+
+async fn release_write_lock(conn: &mut sqlx::AnyConnection) {
+    use sqlx::Executor;
+    conn.execute("ROLLBACK").await.unwrap();
 }

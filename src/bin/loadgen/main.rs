@@ -85,6 +85,10 @@ pub struct WebhookArgs {
     /// Open loop: at most this many requests in flight (later ones wait, and their wait is latency)
     #[arg(long, default_value_t = 4096)]
     pub max_inflight: usize,
+    /// After the run, resend every delivery answered 503 (as WorkOS retries), up to 60 rounds a
+    /// second apart, so that an overloaded run can still balance its ledger
+    #[arg(long)]
+    pub retry_refused: bool,
     /// Rows bulk-inserted into `memberships` before the server starts
     #[arg(long, value_name = "K", default_value_t = 0)]
     pub prefill_memberships: usize,

@@ -119,11 +119,46 @@ async fn send_all(
     let n = deliveries.len();
     let target = deliveries.clone();
     let one = move |i: usize| target.clone().send(i);
-    let run = match args.rate {
+    let mut run = match args.rate {
         Some(rate) => send::open_loop(n, rate, args.max_inflight, one).await,
         None => send::closed_loop(n, args.common.concurrency, one).await,
     };
+    if args.retry_refused {
+        retry_refused(&mut run, &deliveries, args.common.concurrency).await;
+    }
     (run, deliveries.resigned(), signing)
+}
+
+/// Resends, a second apart, every delivery whose latest answer was a 503 until none is left (at
+/// most 60 rounds). Latencies stay those of the first answers.
+async fn retry_refused(run: &mut Run<Reply>, deliveries: &Arc<Deliveries>, concurrency: usize) {
+    let refused =
+        |r: &Reply| matches!(r, Reply::Rejected { key, .. } if key.starts_with("HTTP 503"));
+    let (mut rounds, mut resent) = (0, 0);
+    while rounds < 60 {
+        let again: Arc<Vec<usize>> = Arc::new(
+            run.records
+                .iter()
+                .filter(|r| refused(&r.reply))
+                .map(|r| r.index)
+                .collect(),
+        );
+        if again.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (target, which) = (deliveries.clone(), again.clone());
+        let replies = send::closed_loop(again.len(), concurrency, move |j| {
+            target.clone().send(which[j])
+        })
+        .await;
+        for record in replies.records {
+            run.records[again[record.index]].reply = record.reply;
+        }
+        rounds += 1;
+        resent += again.len();
+    }
+    eprintln!("loadgen: resent {resent} deliveries answered 503, in {rounds} rounds");
 }
 
 /// Every ledger line of a webhook run.
