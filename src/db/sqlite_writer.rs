@@ -29,7 +29,7 @@ static UPSERT_MEMBERSHIP: LazyLock<String> = LazyLock::new(|| {
         "INSERT INTO memberships ({}) VALUES {} {}",
         memberships::COLUMNS,
         Backend::Sqlite.values_list(1, 8),
-        memberships::UPSERT_CONFLICT
+        memberships::UPSERT_CONFLICT_BUT_ID
     )
 });
 static INSERT_AUDIT: LazyLock<String> =
@@ -277,9 +277,9 @@ impl SqliteStore<'_> {
     }
 
     fn upsert_memberships(&mut self, rows: &[&Membership]) -> Result<(), DbError> {
-        let mut statement = self.conn.prepare_cached(&UPSERT_MEMBERSHIP)?;
+        let mut upsert = self.conn.prepare_cached(&UPSERT_MEMBERSHIP)?;
         for row in rows {
-            statement.execute(rusqlite::params![
+            upsert.execute(rusqlite::params![
                 row.organization_id,
                 row.user_id,
                 row.membership_id,
@@ -288,6 +288,16 @@ impl SqliteStore<'_> {
                 row.status,
                 row.version.to_string(),
                 row.updated_at.to_string(),
+            ])?;
+        }
+        drop(upsert);
+        // A no-op (no page written) for every row whose id is the stored one.
+        let mut set_id = self.conn.prepare_cached(memberships::SET_MEMBERSHIP_ID)?;
+        for row in rows {
+            set_id.execute(rusqlite::params![
+                row.organization_id,
+                row.user_id,
+                row.membership_id
             ])?;
         }
         Ok(())

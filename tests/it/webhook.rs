@@ -179,6 +179,24 @@ both! {
         assert_eq!((inbox_count(&t).await, audit_count(&t.db).await), (sent as i64, sent as i64));
     }
 
+    async fn a_membership_recreated_under_a_new_id_stores_the_new_id(t) {
+        let app = TestApp::new(&t.db);
+        let again = |body: Vec<u8>| String::from_utf8(body).unwrap().replace("om_user_1", "om_user_1_again").into_bytes();
+        let first = membership_event("e1", "created", "user_1", "member", "active", 1);
+        let deleted = membership_event("e2", "deleted", "user_1", "member", "active", 2);
+        let recreated = again(membership_event("e3", "created", "user_1", "admin", "active", 3));
+        let updated = again(membership_event("e4", "updated", "user_1", "member", "active", 4));
+        let mut ids = Vec::new();
+        for body in [&first, &deleted, &recreated, &updated] {
+            let (status, answer) = app.deliver(body).await;
+            assert_eq!(status, StatusCode::OK, "{answer}");
+            ids.push(membership(&t.db, "org_1", "user_1").await.unwrap().membership_id);
+        }
+        assert_eq!(ids, ["om_user_1", "om_user_1", "om_user_1_again", "om_user_1_again"]);
+        let row = membership(&t.db, "org_1", "user_1").await.unwrap();
+        assert_eq!((row.role_slug.as_deref(), row.status.as_str()), (Some("member"), "active"));
+    }
+
     async fn out_of_order_updates_converge_on_the_newest(t) {
         let app = TestApp::new(&t.db);
         let newest = membership_event("e3", "updated", "user_1", "admin", "active", 3);
