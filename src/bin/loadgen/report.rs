@@ -89,6 +89,8 @@ pub struct Figures {
     pub loadgen: ProcStats,
     pub resigned: usize,
     pub signing: Duration,
+    /// Deliveries the first pass had answered 503 (`--retry-refused` resent them).
+    pub refused: usize,
 }
 
 impl Figures {
@@ -98,6 +100,7 @@ impl Figures {
         loadgen: ProcStats,
         resigned: usize,
         signing: Duration,
+        refused: usize,
     ) -> Self {
         Self {
             sent: run.records.len(),
@@ -108,6 +111,7 @@ impl Figures {
             loadgen,
             resigned,
             signing,
+            refused,
         }
     }
 
@@ -221,6 +225,14 @@ fn figures_text(f: &Figures, rate: Option<f64>) -> String {
         f.sent,
         f.elapsed.as_secs_f64()
     );
+    if f.refused > 0 {
+        let _ = writeln!(
+            out,
+            "  refused     {} of them answered 503 at first (stored on a resend); the first pass stored {:.1}/s",
+            f.refused,
+            (f.sent - f.refused) as f64 / f.elapsed.as_secs_f64().max(1e-9)
+        );
+    }
     let _ = writeln!(out, "  latency ms  {}", f.latency.text());
     let _ = writeln!(out, "  {}", load_note(f, rate));
     let per = f.server.cpu_secs * 1000.0 / f.sent.max(1) as f64;
@@ -263,6 +275,7 @@ fn figures_json(f: &Figures) -> Value {
         "server_peak_rss_mib": mib(f.server.peak_rss_kib), "server_cpu_seconds": f.server.cpu_secs,
         "server_threads": f.server.threads, "loadgen_cpu_seconds": f.loadgen.cpu_secs,
         "signing_ms": f.signing.as_secs_f64() * 1000.0, "resigned": f.resigned,
+        "refused_first_pass": f.refused,
     })
 }
 

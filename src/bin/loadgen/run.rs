@@ -108,7 +108,7 @@ async fn send_all(
     w: &Workload,
     server: &Server,
     secret: &str,
-) -> (Run<Reply>, usize, Duration) {
+) -> (Run<Reply>, usize, Duration, usize) {
     let client = Http1::new(&server.url).expect("the server's URL is http://ip:port");
     if let Err(e) = client.warm_up(args.common.concurrency).await {
         eprintln!("loadgen: warming up: {e:#}");
@@ -123,18 +123,23 @@ async fn send_all(
         Some(rate) => send::open_loop(n, rate, args.max_inflight, one).await,
         None => send::closed_loop(n, args.common.concurrency, one).await,
     };
-    if args.retry_refused {
-        retry_refused(&mut run, &deliveries, args.common.concurrency).await;
-    }
-    (run, deliveries.resigned(), signing)
+    let refused = match args.retry_refused {
+        true => retry_refused(&mut run, &deliveries, args.common.concurrency).await,
+        false => 0,
+    };
+    (run, deliveries.resigned(), signing, refused)
 }
 
 /// Resends, a second apart, every delivery whose latest answer was a 503 until none is left (at
-/// most 60 rounds). Latencies stay those of the first answers.
-async fn retry_refused(run: &mut Run<Reply>, deliveries: &Arc<Deliveries>, concurrency: usize) {
+/// most 60 rounds). Latencies stay those of the first answers. Returns how many the first pass had.
+async fn retry_refused(
+    run: &mut Run<Reply>,
+    deliveries: &Arc<Deliveries>,
+    concurrency: usize,
+) -> usize {
     let refused =
         |r: &Reply| matches!(r, Reply::Rejected { key, .. } if key.starts_with("HTTP 503"));
-    let (mut rounds, mut resent) = (0, 0);
+    let (mut rounds, mut resent, mut first) = (0, 0, None);
     while rounds < 60 {
         let again: Arc<Vec<usize>> = Arc::new(
             run.records
@@ -143,6 +148,7 @@ async fn retry_refused(run: &mut Run<Reply>, deliveries: &Arc<Deliveries>, concu
                 .map(|r| r.index)
                 .collect(),
         );
+        first.get_or_insert(again.len());
         if again.is_empty() {
             break;
         }
@@ -159,6 +165,7 @@ async fn retry_refused(run: &mut Run<Reply>, deliveries: &Arc<Deliveries>, concu
         resent += again.len();
     }
     eprintln!("loadgen: resent {resent} deliveries answered 503, in {rounds} rounds");
+    first.unwrap_or(0)
 }
 
 /// Every ledger line of a webhook run.
@@ -284,7 +291,7 @@ pub async fn webhooks(args: WebhookArgs) -> Result<bool> {
         w.order.len()
     );
     let idle = (proc_stats(server.pid())?, proc_stats(std::process::id())?);
-    let (run, resigned, signing) = send_all(&args, &w, &server, &secret).await;
+    let (run, resigned, signing, refused) = send_all(&args, &w, &server, &secret).await;
     let server_stats = proc_stats(server.pid())?.since(&idle.0);
     let loadgen_stats = proc_stats(std::process::id())?.since(&idle.1);
     let answers = Answers::of(&run.records);
@@ -292,7 +299,14 @@ pub async fn webhooks(args: WebhookArgs) -> Result<bool> {
     let ending = server.stop().await?;
     let report = WebhookReport {
         setup: Setup::of(&args, &spec, &w, prefill),
-        figures: Figures::of(&run, server_stats, loadgen_stats, resigned, signing),
+        figures: Figures::of(
+            &run,
+            server_stats,
+            loadgen_stats,
+            resigned,
+            signing,
+            refused,
+        ),
         answers,
         ledger,
         ending,
