@@ -321,7 +321,7 @@ pub struct Config {
     )]
     pub request_timeout_secs: u64,
 
-    /// Webhook deliveries that may wait for a commit; one more is answered 503 `overloaded`
+    /// Webhook deliveries that may wait for a commit, split between the committers' queues; a delivery whose queue is full is answered 503 `overloaded`
     #[arg(
         long,
         env = "ROLESYNC_MAX_QUEUED_DELIVERIES",

@@ -131,8 +131,9 @@ both! {
     }
 
     async fn a_full_queue_answers_503_overloaded_at_once_and_stores_nothing_for_it(t) {
-        // Queues of one delivery each; a second connection holds the write lock, so each
-        // committer takes one batch and then waits inside it while the rest arrive.
+        // Queues of one (PostgreSQL, two committers) or two (SQLite) deliveries; a second connection
+        // holds the write lock, so each committer takes one batch and then waits inside it while
+        // the rest arrive.
         let app = std::sync::Arc::new(TestApp::with_config(&t.db, |c| c.max_queued_deliveries = 2));
         let mut blocker = hold_write_lock(&t).await;
         let sent = 600;
