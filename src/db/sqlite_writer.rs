@@ -69,6 +69,7 @@ impl SqliteWriter {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         Ok(SqliteStore {
             conn: &mut self.conn,
+            read_ids: HashMap::new(),
         })
     }
 
@@ -175,6 +176,9 @@ pub fn file_of_url(url: &str) -> Result<Option<PathBuf>, DbError> {
 /// [`BatchStore`] inside a [`SqliteWriter`] transaction.
 pub struct SqliteStore<'a> {
     conn: &'a mut Connection,
+    /// The membership id [`BatchStore::read`] found for each key it read (`None`: no row), so that
+    /// an upsert changes the id only of rows stored under another one.
+    read_ids: HashMap<Key, Option<String>>,
 }
 
 fn timestamp(row: &Row<'_>, column: usize) -> rusqlite::Result<Timestamp> {
@@ -203,9 +207,14 @@ impl BatchStore for SqliteStore<'_> {
     }
 
     async fn read(&mut self, event_ids: &[&str], keys: &[&Key]) -> Result<Snapshot, DbError> {
+        let memberships = self.memberships(keys)?;
+        for &key in keys {
+            let id = memberships.get(key).map(|m| m.membership_id.clone());
+            self.read_ids.insert(key.clone(), id);
+        }
         Ok(Snapshot {
             known_events: self.known_events(event_ids)?,
-            memberships: self.memberships(keys)?,
+            memberships,
             roles: self.roles()?,
         })
     }
@@ -291,9 +300,15 @@ impl SqliteStore<'_> {
             ])?;
         }
         drop(upsert);
-        // A no-op (no page written) for every row whose id is the stored one.
+        // Rows read with the same id, or read as absent (just inserted with theirs), are done.
         let mut set_id = self.conn.prepare_cached(memberships::SET_MEMBERSHIP_ID)?;
         for row in rows {
+            let key = (row.organization_id.clone(), row.user_id.clone());
+            match self.read_ids.get(&key) {
+                Some(None) => continue,
+                Some(Some(id)) if *id == row.membership_id => continue,
+                _ => {}
+            }
             set_id.execute(rusqlite::params![
                 row.organization_id,
                 row.user_id,
