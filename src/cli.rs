@@ -226,8 +226,7 @@ async fn serve(config: Config) -> Result<()> {
     if config.webhook_secret.is_none() {
         bail!("WORKOS_WEBHOOK_SECRET: not set; serve needs it to verify webhook deliveries");
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = server::bind(config.listen)
         .with_context(|| format!("ROLESYNC_LISTEN: cannot bind {}", config.listen))?;
     let db = open_db(&config).await?;
     let state = Arc::new(AppState::new(&config, db.clone()));

@@ -5,10 +5,29 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
 use crate::app::{build_router, AppState};
+
+/// Connections the kernel may hold for `accept` (it caps this at `net.core.somaxconn`). With
+/// tokio's 1,024, a stall of some tens of milliseconds under 12,500 deliveries/s, during which the
+/// sender opened more connections, overflowed the queue (`TcpExtListenOverflows` 62 and 532 in two
+/// runs of five); each dropped SYN is retried by the sender only after a second, which made those
+/// runs' p99 79 and 177 ms and their maximum over a second.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` (with `SO_REUSEADDR`, as `TcpListener::bind` does) and listens with
+/// [`LISTEN_BACKLOG`].
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests finish for
 /// at most `grace`.

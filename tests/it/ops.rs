@@ -135,3 +135,30 @@ both! {
         let _ = Arc::strong_count(&app.state);
     }
 }
+
+/// A burst of new connections waits in the kernel's accept queue instead of being dropped (a dropped
+/// SYN costs its sender a second before it tries again): tokio's own `bind` would queue 1,024.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_queues_a_burst_of_connections_beyond_1024() {
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        somaxconn >= 2048,
+        "net.core.somaxconn is {somaxconn}: the kernel would cap any backlog below this test's burst"
+    );
+    let listener = rolesync::server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Nothing accepts: every connection stays in the queue.
+    let mut held = Vec::new();
+    for i in 0..1_500 {
+        let connect = tokio::net::TcpStream::connect(addr);
+        let stream = tokio::time::timeout(std::time::Duration::from_millis(500), connect)
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} was dropped, not queued"))
+            .unwrap();
+        held.push(stream);
+    }
+    drop(listener);
+}
