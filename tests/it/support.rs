@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::{HeaderMap, Request, StatusCode};
 use rolesync::app::{build_router, AppState};
 use rolesync::config::Config;
 use rolesync::db::audit::AuditRow;
@@ -218,35 +218,47 @@ impl TestApp {
 
     /// Sends a request through the router; returns status and JSON body (Null when not JSON).
     pub async fn request(&self, request: Request<Body>) -> (StatusCode, Value) {
+        let (status, _, body) = self.exchange(request).await;
+        (status, body)
+    }
+
+    /// [`Self::request`], with the answer's headers.
+    pub async fn exchange(&self, request: Request<Body>) -> (StatusCode, HeaderMap, Value) {
         let response = build_router(self.state.clone())
             .oneshot(request)
             .await
             .unwrap();
-        let status = response.status();
-        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
-            .await
-            .unwrap();
+        let (parts, body) = response.into_parts();
+        let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
         (
-            status,
+            parts.status,
+            parts.headers,
             serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         )
     }
 
     /// Posts a body signed with the test secret at the clock's time.
     pub async fn deliver(&self, body: &[u8]) -> (StatusCode, Value) {
+        self.request(self.signed_webhook(body)).await
+    }
+
+    /// The webhook request [`Self::deliver`] sends.
+    pub fn signed_webhook(&self, body: &[u8]) -> Request<Body> {
         let header = signature::sign(body, SECRET.as_bytes(), self.clock.now().millis());
-        self.post_webhook(body, Some(&header)).await
+        webhook_request(body, Some(&header))
     }
 
     pub async fn post_webhook(&self, body: &[u8], signature: Option<&str>) -> (StatusCode, Value) {
-        let mut builder =
-            Request::post("/webhooks/workos").header("content-type", "application/json");
-        if let Some(sig) = signature {
-            builder = builder.header("WorkOS-Signature", sig);
-        }
-        self.request(builder.body(Body::from(body.to_vec())).unwrap())
-            .await
+        self.request(webhook_request(body, signature)).await
     }
+}
+
+fn webhook_request(body: &[u8], signature: Option<&str>) -> Request<Body> {
+    let mut builder = Request::post("/webhooks/workos").header("content-type", "application/json");
+    if let Some(sig) = signature {
+        builder = builder.header("WorkOS-Signature", sig);
+    }
+    builder.body(Body::from(body.to_vec())).unwrap()
 }
 
 /// A membership event body.

@@ -143,19 +143,19 @@ both! {
         let (done, mut answers) = tokio::sync::mpsc::unbounded_channel();
         for (i, body) in bodies.iter().enumerate() {
             let (app, body, done) = (app.clone(), body.clone(), done.clone());
-            tokio::spawn(async move { done.send((i, deliver_with_headers(&app, &body).await)).unwrap() });
+            tokio::spawn(async move { done.send((i, app.exchange(app.signed_webhook(&body)).await)).unwrap() });
         }
         // Two committers (PostgreSQL) hold at most a batch each, and each queue one more.
         let most_accepted = 2 * rolesync::batcher::MAX_BATCH + 2;
         let mut refused = Vec::new();
         while refused.len() < sent - most_accepted {
-            let (i, (status, retry_after, answer)) =
+            let (i, (status, headers, answer)) =
                 tokio::time::timeout(std::time::Duration::from_secs(20), answers.recv())
                     .await
                     .expect("refusals come while the lock is held")
                     .unwrap();
             assert_eq!((status, answer["error"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("overloaded")), "{answer}");
-            assert_eq!(retry_after.as_deref(), Some("1"));
+            assert_eq!(headers.get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
             refused.push(i);
         }
         release_write_lock(&mut blocker).await;
@@ -394,35 +394,6 @@ both! {
         let stored: Vec<(&str, &str)> = stored.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
         assert_eq!(stored, [("e1", "applied"), ("e2", "ignored"), ("e3", "applied"), ("e4", "stale"), ("e5", "invalid"), ("e6", "unknown_role")]);
     }
-}
-
-/// Posts a signed delivery; the answer's status, `Retry-After` and JSON body.
-async fn deliver_with_headers(app: &TestApp, body: &[u8]) -> (StatusCode, Option<String>, Value) {
-    use rolesync::timestamp::Clock;
-    use tower::ServiceExt;
-    let header = signature::sign(body, SECRET.as_bytes(), app.clock.now().millis());
-    let request = Request::post("/webhooks/workos")
-        .header("content-type", "application/json")
-        .header("WorkOS-Signature", header)
-        .body(Body::from(body.to_vec()))
-        .unwrap();
-    let response = rolesync::app::build_router(app.state.clone())
-        .oneshot(request)
-        .await
-        .unwrap();
-    let status = response.status();
-    let retry_after = response
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().unwrap().to_owned());
-    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
-        .await
-        .unwrap();
-    (
-        status,
-        retry_after,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
 }
 
 /// A connection of its own that holds what every writer needs: SQLite's write lock, or on
