@@ -299,7 +299,6 @@ impl SqliteStore<'_> {
                 row.updated_at.to_string(),
             ])?;
         }
-        drop(upsert);
         // Rows read with the same id, or read as absent (just inserted with theirs), are done.
         let mut set_id = self.conn.prepare_cached(memberships::SET_MEMBERSHIP_ID)?;
         for row in rows {
