@@ -245,7 +245,7 @@ both! {
         let fake = FakeWorkos::start().await;
         let app = Arc::new(login_app(&t.db, &fake, 1500));
         app.deliver(&membership_event("e1", "created", "user_1", "admin", "active", 3)).await;
-        fake.script([found("user_1", "admin", "active", 3).delayed(Duration::from_millis(300))]);
+        fake.script([found("user_1", "admin", "active", 3).delayed(Duration::from_millis(800))]);
         let login = tokio::spawn({
             let app = app.clone();
             async move { app.login("user_1").await }
@@ -253,6 +253,10 @@ both! {
         while fake.calls() == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        // The read runs beside the fetch; on PostgreSQL (a ping and a query on a pooled
+        // connection) it could still be under way when the fetch starts, and a webhook committed
+        // before it would order the login after the webhook. Give it time while WorkOS holds on.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let (_, hook) = app.deliver(&membership_event("e2", "updated", "user_1", "member", "active", 5)).await;
         assert_eq!(hook["outcome"], "applied");
         let (status, answer) = login.await.unwrap();
