@@ -5,6 +5,10 @@ use std::process::ExitCode;
 use clap::Parser;
 use rolesync::cli::{self, Cli};
 
+/// mimalloc instead of glibc's malloc: per-thread free lists without glibc's consolidation passes.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
