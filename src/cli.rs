@@ -5,12 +5,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 use crate::app::AppState;
-use std::io::IsTerminal;
 
-use crate::config::{Config, LogFormat};
+use crate::config::Config;
 use crate::db::{self, Db};
 use std::time::Duration;
 
@@ -139,27 +137,6 @@ pub enum RolesAction {
         #[arg(required = true)]
         slugs: Vec<String>,
     },
-}
-
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`): JSON lines unless `pretty` is asked for
-/// or stderr is a terminal.
-pub fn init_tracing(format: Option<LogFormat>) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = match format {
-        Some(f) => f == LogFormat::Json,
-        None => !std::io::stderr().is_terminal(),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match json {
-        true => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .try_init(),
-        false => builder.try_init(),
-    };
 }
 
 /// Runs one command.

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod logging;
 pub mod login;
 pub mod metrics;
 pub mod middleware;

@@ -26,7 +26,7 @@ async fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    cli::init_tracing(cli.config.log_format);
+    rolesync::logging::init_tracing(cli.config.log_format);
     match cli::run(cli).await {
         Ok(code) => code,
         Err(e) => {
