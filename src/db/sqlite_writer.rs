@@ -380,4 +380,28 @@ mod tests {
             Some(PathBuf::from("/tmp/x/rolesync.db"))
         );
     }
+
+    /// .cargo/config.toml builds the bundled SQLite without the shared page-cache group and the
+    /// allocation statistics, each of which takes a process-wide mutex on the committer's path.
+    #[test]
+    fn the_bundled_sqlite_has_no_global_memory_management() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        let options: Vec<String> = conn
+            .prepare("PRAGMA compile_options")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(options.iter().any(|o| o == "THREADSAFE=1"), "{options:?}");
+        assert!(
+            !options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
+            "{options:?}"
+        );
+        let mut current = 0;
+        let mut highest = 0;
+        // SQLITE_STATUS_MEMORY_USED stays 0 when allocations are not counted.
+        let rc = unsafe { rusqlite::ffi::sqlite3_status(0, &mut current, &mut highest, 0) };
+        assert_eq!((rc, highest), (0, 0), "allocation statistics are off");
+    }
 }
