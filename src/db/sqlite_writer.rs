@@ -400,8 +400,15 @@ mod tests {
         );
         let mut current = 0;
         let mut highest = 0;
-        // SQLITE_STATUS_MEMORY_USED stays 0 when allocations are not counted.
-        let rc = unsafe { rusqlite::ffi::sqlite3_status(0, &mut current, &mut highest, 0) };
-        assert_eq!((rc, highest), (0, 0), "allocation statistics are off");
+        use rusqlite::ffi::{sqlite3_status, SQLITE_OK, SQLITE_STATUS_MEMORY_USED};
+        // SAFETY: two valid out-pointers for the duration of the call; sqlite3_status is thread-safe.
+        let rc =
+            unsafe { sqlite3_status(SQLITE_STATUS_MEMORY_USED, &mut current, &mut highest, 0) };
+        // The high-water mark of memory in use stays 0 when allocations are not counted.
+        assert_eq!(
+            (rc, highest),
+            (SQLITE_OK, 0),
+            "allocation statistics are off"
+        );
     }
 }
