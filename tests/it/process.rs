@@ -170,7 +170,8 @@ both! {
         assert!(delivered["span"]["request_id"].as_str().is_some_and(|id| !id.is_empty()));
         assert_eq!(delivered["span"]["event_id"], "e1", "the span carries the event id recorded into it");
         let refused = lines.iter().find(|l| l["fields"]["message"] == "request refused").expect("the bad signature is logged");
-        assert_eq!(refused["span"]["outcome"], refused["fields"]["error"], "the span carries the outcome");
+        assert_eq!(refused["fields"]["error"], "malformed_signature");
+        assert_eq!(refused["span"]["outcome"], "malformed_signature", "the span carries the outcome");
         assert!(lines.iter().any(|l| l["span"]["request_id"] == "req-from-test"), "the caller's request id is logged");
         let login = lines.iter().find(|l| l["fields"]["message"] == "login reconciled").expect("the login is logged");
         assert_eq!((&login["span"]["organization_id"], &login["span"]["user_id"]), (&"org_1".into(), &"user_1".into()));
