@@ -21,7 +21,8 @@ use super::{audit, inbox, memberships, Backend, DbError, Key, SQLITE_PRAGMAS};
 use crate::reconcile::{AuditEntry, HistoryMark, Membership};
 use crate::timestamp::Timestamp;
 
-/// Prepared statements kept per connection: every statement the writer runs has one fixed text.
+/// Prepared statements kept per connection: every statement the writer runs, `BEGIN IMMEDIATE` and
+/// `COMMIT` included, has one fixed text (11 of them).
 const STATEMENT_CACHE: usize = 16;
 
 static UPSERT_MEMBERSHIP: LazyLock<String> = LazyLock::new(|| {
@@ -76,7 +77,7 @@ impl SqliteWriter {
     /// rolling back one an interrupted batch may have left open. The caller holds the writer turn.
     pub fn begin(&mut self) -> Result<SqliteStore<'_>, DbError> {
         self.rollback()?;
-        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
         Ok(SqliteStore {
             conn: &mut self.conn,
             read_ids: HashMap::new(),
@@ -84,7 +85,7 @@ impl SqliteWriter {
     }
 
     pub fn commit(&mut self) -> Result<(), DbError> {
-        self.conn.execute_batch("COMMIT")?;
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
         if let Some(checkpointer) = &self.checkpointer {
             checkpointer.wake();
         }
@@ -94,7 +95,7 @@ impl SqliteWriter {
     /// Rolls back the open transaction, if any.
     pub fn rollback(&mut self) -> Result<(), DbError> {
         if !self.conn.is_autocommit() {
-            self.conn.execute_batch("ROLLBACK")?;
+            self.conn.prepare_cached("ROLLBACK")?.execute([])?;
         }
         Ok(())
     }
@@ -142,19 +143,19 @@ fn checkpoint_after_commits(
     turn: &tokio::sync::Mutex<()>,
 ) {
     // (busy, frames in the WAL): busy when readers kept a RESTART from finishing.
-    let checkpoint = |mode: &str| {
-        conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| {
+    let checkpoint = |pragma: &str| {
+        conn.prepare_cached(pragma)?.query_row([], |row| {
             Ok((row.get::<_, i64>(0)? != 0, row.get::<_, i64>(1)?))
         })
     };
     let mut restart_at = RESTART_FRAMES;
     while commits.recv().is_ok() {
-        let done = checkpoint("PASSIVE").and_then(|(_, frames)| {
+        let done = checkpoint("PRAGMA wal_checkpoint(PASSIVE)").and_then(|(_, frames)| {
             if frames < restart_at {
                 return Ok(());
             }
             let _turn = turn.blocking_lock();
-            let (busy, _) = checkpoint("RESTART")?;
+            let (busy, _) = checkpoint("PRAGMA wal_checkpoint(RESTART)")?;
             // Readers held it up: try again only after as many frames more, not at every commit
             // (each try holds the writer turn for up to the busy timeout).
             restart_at = if busy {
