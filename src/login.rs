@@ -27,7 +27,17 @@ use crate::reconcile::{reconcile_and_read, Membership, Observation, Outcome, Sou
 use crate::workos::{WorkosClient, WorkosError};
 
 type Key = (String, String);
-type Flight = Arc<OnceCell<Result<LoginAnswer, LoginError>>>;
+/// One fetch, shared by every login of the membership that arrives while it runs.
+type Flight = Arc<OnceCell<(Result<LoginAnswer, LoginError>, Fetched)>>;
+
+/// What a fetch gave, for the logins that joined it.
+#[derive(Debug, Clone)]
+enum Fetched {
+    /// WorkOS answered with this observation.
+    Observed(Observation),
+    /// No answer from WorkOS (not asked, or it failed), for the reason given.
+    Unfetched(Option<String>),
+}
 
 /// The answer to a login.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -229,20 +239,51 @@ pub async fn login(
         .entry(key.clone())
         .or_default()
         .clone();
-    let answer = flight
+    let mut led = false;
+    let (answer, fetched) = flight
         .get_or_init(|| async {
+            led = true;
             match app.login.admit(&key) {
-                Ok(()) => refresh(app, user_id, organization_id, Source::Login).await,
-                Err(reason) => from_database(app, user_id, organization_id, reason).await,
+                Ok(()) => fetch_and_apply(app, user_id, organization_id, Source::Login).await,
+                Err(reason) => (
+                    from_database(app, user_id, organization_id, reason.clone()).await,
+                    Fetched::Unfetched(reason),
+                ),
             }
         })
         .await
         .clone();
-    let mut inflight = app.login.inflight.lock().expect("inflight lock");
-    if inflight.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
-        inflight.remove(&key);
+    {
+        let mut inflight = app.login.inflight.lock().expect("inflight lock");
+        if inflight.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+            inflight.remove(&key);
+        }
     }
-    answer
+    match led {
+        true => answer,
+        false => joined(app, user_id, organization_id, fetched).await,
+    }
+}
+
+/// A login that joined another's fetch: the same observation, against a row read after it joined.
+/// The fetch's own answer rests on a row read when that fetch began, which a webhook may have
+/// replaced before this login arrived.
+async fn joined(
+    app: &AppState,
+    user_id: &str,
+    organization_id: &str,
+    fetched: Fetched,
+) -> Result<LoginAnswer, LoginError> {
+    match fetched {
+        Fetched::Observed(obs) => {
+            let stored = db::memberships::get_with_role(app.db.pool(), organization_id, user_id)
+                .await
+                .ok()
+                .flatten();
+            apply(app, &obs, stored.as_ref()).await
+        }
+        Fetched::Unfetched(reason) => from_database(app, user_id, organization_id, reason).await,
+    }
 }
 
 /// Fetches the membership within the budget and reconciles it; on a WorkOS failure answers from the
@@ -254,6 +295,18 @@ pub async fn refresh(
     organization_id: &str,
     source: Source,
 ) -> Result<LoginAnswer, LoginError> {
+    fetch_and_apply(app, user_id, organization_id, source)
+        .await
+        .0
+}
+
+/// [`refresh`], and what the fetch gave.
+async fn fetch_and_apply(
+    app: &AppState,
+    user_id: &str,
+    organization_id: &str,
+    source: Source,
+) -> (Result<LoginAnswer, LoginError>, Fetched) {
     let deadline = Instant::now() + app.login.budget;
     let (fetched, stored) = tokio::join!(
         app.login
@@ -274,10 +327,17 @@ pub async fn refresh(
         )
     });
     match observation {
-        Ok(obs) => apply(app, &obs, stored.as_ref()).await,
+        Ok(obs) => (
+            apply(app, &obs, stored.as_ref()).await,
+            Fetched::Observed(obs),
+        ),
         Err(e) => {
             tracing::warn!(user_id, organization_id, error = %e, "WorkOS gave no answer; using the stored row");
-            from_database(app, user_id, organization_id, Some(e.reason())).await
+            let reason = Some(e.reason());
+            (
+                from_database(app, user_id, organization_id, reason.clone()).await,
+                Fetched::Unfetched(reason),
+            )
         }
     }
 }

@@ -268,6 +268,37 @@ both! {
         assert_chain(&audit);
     }
 
+    async fn a_login_sent_after_a_webhook_that_joins_an_earlier_fetch_answers_the_webhook_s_role(t) {
+        // Login A reads v3 and waits for WorkOS; webhook v5 commits; login B, sent after the
+        // webhook's answer, joins A's fetch. A is ordered at its read; B must not be.
+        let fake = FakeWorkos::start().await;
+        let app = Arc::new(login_app(&t.db, &fake, 1500));
+        app.deliver(&membership_event("e1", "created", "user_1", "admin", "active", 3)).await;
+        fake.script([found("user_1", "admin", "active", 3).delayed(Duration::from_millis(800))]);
+        let spawn_login = || {
+            let app = app.clone();
+            tokio::spawn(async move { app.login("user_1").await })
+        };
+        let first = spawn_login();
+        while fake.calls() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // As above: let A's read finish while WorkOS holds on.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (_, hook) = app.deliver(&membership_event("e2", "updated", "user_1", "member", "active", 5)).await;
+        assert_eq!(hook["outcome"], "applied");
+        let (status, second) = spawn_login().await.unwrap();
+        let (_, first) = first.await.unwrap();
+        assert_eq!(fake.calls(), 1, "the second login joined the first one's fetch");
+        assert_eq!(first["role"], "admin", "ordered before the webhook: {first}");
+        assert_eq!((status, second["role"].as_str(), second["status"].as_str()), (StatusCode::OK, Some("member"), Some("active")), "sent after the webhook's answer: {second}");
+        let row = membership(&t.db, "org_1", "user_1").await.unwrap();
+        assert_eq!((row.role_slug.as_deref(), row.version), (Some("member"), v(5)), "the newer webhook stays");
+        let audit = audit_of(&t.db, "org_1", "user_1").await;
+        assert_eq!(audit.len(), 2, "created and the webhook's change; neither login wrote: {audit:?}");
+        assert_chain(&audit);
+    }
+
     async fn the_login_endpoint_checks_its_token_and_body(t) {
         let fake = FakeWorkos::start().await;
         let app = login_app(&t.db, &fake, 1500);
