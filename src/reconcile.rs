@@ -61,6 +61,8 @@ impl Outcome {
 
 /// Status of a membership that WorkOS deleted.
 pub const DELETED: &str = "deleted";
+/// The status under which the web app lets a role through.
+pub const ACTIVE: &str = "active";
 
 /// What WorkOS holds for one membership, as seen by one path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,9 +132,13 @@ pub struct HistoryMark {
     pub new_status: Option<String>,
 }
 
-/// Whether the stored row is newer than the observation (rule 1).
+/// Whether the stored row is newer than the observation (rule 1). At the same version a stored
+/// deletion is the newer of the two: WorkOS's `.deleted` carries the last state, `updated_at`
+/// included, so a live observation of that version comes from before the deletion.
 pub fn is_stale(stored: Option<&Membership>, obs: &Observation) -> bool {
-    stored.is_some_and(|s| s.version > obs.version)
+    stored.is_some_and(|s| {
+        s.version > obs.version || (s.version == obs.version && s.status == DELETED && !obs.deleted)
+    })
 }
 
 /// Applies the rules, in order: stale, removed, unknown_role, unchanged, applied.
@@ -172,17 +178,16 @@ pub fn decide(
             "membership deleted in WorkOS".to_owned(),
         )
     } else if !role_known {
-        let detail = format!(
+        let status = status_under_unknown_role(stored, obs);
+        let mut detail = format!(
             "role {:?} is not a known role; kept {}",
             obs.role_slug.as_deref().unwrap_or(""),
             old_role.as_deref().unwrap_or("no role")
         );
-        (
-            old_role.clone(),
-            obs.status.clone(),
-            Outcome::UnknownRole,
-            detail,
-        )
+        if status != obs.status {
+            detail.push_str(&format!(", kept status {status} (not {})", obs.status));
+        }
+        (old_role.clone(), status, Outcome::UnknownRole, detail)
     } else {
         (
             obs.role_slug.clone(),
@@ -221,6 +226,18 @@ pub fn decide(
         outcome,
         write: Some(row),
         audit: Some(audit),
+    }
+}
+
+/// The status an observation with an unknown slug leaves: its own, except that it never makes a
+/// kept role active. It may take access away (a deactivation), never give it: an inactive admin
+/// whom WorkOS re-activates under a slug the app does not know stays inactive.
+fn status_under_unknown_role(stored: Option<&Membership>, obs: &Observation) -> String {
+    match stored {
+        Some(s) if s.role_slug.is_some() && obs.status == ACTIVE && s.status != ACTIVE => {
+            s.status.clone()
+        }
+        _ => obs.status.clone(),
     }
 }
 
