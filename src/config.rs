@@ -99,18 +99,37 @@ impl FromStr for DatabaseUrl {
     }
 }
 
-/// `scheme://user:****@host/...` for logs and errors.
+/// `scheme://user:****@host/...?password=****` for logs and errors. The user information ends at
+/// the last `@` before the path, as URL parsers read it, so a password holding `@` is hidden whole.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    match rest.split_once('@') {
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
         Some((auth, host)) if auth.contains(':') => {
             let user = auth.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:****@{host}")
+            format!("{user}:****@{host}")
         }
-        _ => url.to_owned(),
-    }
+        _ => authority.to_owned(),
+    };
+    format!("{scheme}://{authority}{}", redact_query_passwords(tail))
+}
+
+/// `password=...` parameters of a URL's query (PostgreSQL accepts the password there too).
+fn redact_query_passwords(tail: &str) -> String {
+    let Some((path, query)) = tail.split_once('?') else {
+        return tail.to_owned();
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|param| match param.split_once('=') {
+            Some((name, _)) if name.eq_ignore_ascii_case("password") => format!("{name}=****"),
+            _ => param.to_owned(),
+        })
+        .collect();
+    format!("{path}?{}", params.join("&"))
 }
 
 /// An HTTP base URL (`http://` or `https://`), kept without a trailing slash.
@@ -401,6 +420,35 @@ mod tests {
             "login-token",
         ] {
             assert!(!shown.contains(secret), "{secret} leaked into {shown}");
+        }
+    }
+
+    #[test]
+    fn redacted_urls_hide_the_whole_password() {
+        let cases = [
+            (
+                "postgres://app:hunter2@db/rolesync",
+                "postgres://app:****@db/rolesync",
+            ),
+            (
+                "postgres://app:p@ss@db:5432/x",
+                "postgres://app:****@db:5432/x",
+            ),
+            (
+                "postgres://app:secret@db/x?sslmode=require&password=other",
+                "postgres://app:****@db/x?sslmode=require&password=****",
+            ),
+            (
+                "postgres://db/x?user=app&PASSWORD=s3cret",
+                "postgres://db/x?user=app&PASSWORD=****",
+            ),
+            ("postgres://app@db/x", "postgres://app@db/x"),
+            ("postgres://db/x?note=a@b:c", "postgres://db/x?note=a@b:c"),
+            ("sqlite://rolesync.db", "sqlite://rolesync.db"),
+            ("sqlite::memory:", "sqlite::memory:"),
+        ];
+        for (url, shown) in cases {
+            assert_eq!(redact_url(url), shown, "{url}");
         }
     }
 
