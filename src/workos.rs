@@ -227,8 +227,11 @@ impl WorkosClient {
             if !error.retryable() {
                 return Err(error);
             }
-            let wait = retry_after.unwrap_or_else(|| backoff(attempt));
-            if Instant::now() + wait >= deadline {
+            let wait = retry_wait(retry_after, attempt);
+            if Instant::now()
+                .checked_add(wait)
+                .is_none_or(|ready| ready >= deadline)
+            {
                 return Err(error);
             }
             tracing::info!(error = %error, attempt, wait_ms = wait.as_millis() as u64, "retrying WorkOS request");
@@ -328,6 +331,13 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         when.duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO),
     )
+}
+
+/// The wait before the next attempt: the backoff, or `Retry-After` when that asks for longer. A
+/// `Retry-After` of 0 or of a date already past is no reason to ask again at once.
+fn retry_wait(retry_after: Option<Duration>, attempt: u32) -> Duration {
+    let backoff = backoff(attempt);
+    retry_after.map_or(backoff, |after| after.max(backoff))
 }
 
 /// Exponential backoff with full jitter: a random wait up to `base * 2^attempt`, capped.
