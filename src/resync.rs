@@ -81,8 +81,10 @@ pub async fn resync(
     dry_run: bool,
     now: Timestamp,
 ) -> anyhow::Result<Vec<Change>> {
-    let found = list_organization(workos, organization_id).await?;
+    // Stored rows first: only a membership stored before the listing began can be missing from it.
+    // One a webhook stores meanwhile may be on a page already served, and is no deletion.
     let stored = db::memberships::list(db.pool(), Some(organization_id)).await?;
+    let found = list_organization(workos, organization_id).await?;
     let observed = observations(&found, &stored, now)?;
     let by_key: HashMap<Key, Membership> = stored
         .into_iter()

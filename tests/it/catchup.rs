@@ -331,6 +331,27 @@ both! {
         assert_eq!(audit_count(&t.db).await, 4, "and audits nothing");
     }
 
+    async fn resync_never_removes_a_membership_stored_while_it_lists(t) {
+        let app = Arc::new(app(&t.db));
+        let fake = FakeWorkos::start().await;
+        app.deliver(&membership_event("e1", "created", "user_1", "member", "active", 1)).await;
+        // WorkOS serves its list before user_2 exists there; user_2's webhook lands meanwhile.
+        fake.always(page(vec![api_membership("user_1", "member", "active", &v(1).to_string())], None).delayed(Duration::from_millis(400)));
+        let resync = tokio::spawn({
+            let (db, workos) = (t.db.clone(), workos(&fake));
+            async move { rolesync::resync::resync(&db, &workos, "org_1", false, now()).await.unwrap() }
+        });
+        while fake.calls() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (_, hook) = app.deliver(&membership_event("e2", "created", "user_2", "admin", "active", 2)).await;
+        assert_eq!(hook["outcome"], "applied");
+        let changes = resync.await.unwrap();
+        assert!(changes.iter().all(|c| c.observed.user_id != "user_2"), "user_2 is not in the resync: {changes:?}");
+        let two = membership(&t.db, "org_1", "user_2").await.unwrap();
+        assert_eq!((two.role_slug.as_deref(), two.status.as_str()), (Some("admin"), "active"), "the webhook's row stays");
+    }
+
     async fn replay_of_stored_events_applies_a_role_added_later(t) {
         let app = app(&t.db);
         app.deliver(&membership_event("e1", "created", "user_1", "member", "active", 1)).await;
