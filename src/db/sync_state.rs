@@ -18,7 +18,8 @@ pub async fn cursor<'c>(
     Ok(row.flatten())
 }
 
-/// Moves the cursor from `old` to `new`; `false` when someone else moved it first.
+/// Moves the cursor from `old` to `new`; `false` when someone else moved it first. `None` is no
+/// cursor: no row yet, or a row whose cursor an operator cleared to start over.
 pub async fn advance<'c>(
     conn: impl Executor<'c, Database = Any>,
     name: &str,
@@ -27,7 +28,9 @@ pub async fn advance<'c>(
     now: Timestamp,
 ) -> Result<bool, DbError> {
     let sql = match old {
-        None => "INSERT INTO sync_state (name, cursor, updated_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
+        None => "INSERT INTO sync_state (name, cursor, updated_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at \
+                 WHERE sync_state.cursor IS NULL",
         Some(_) => "UPDATE sync_state SET cursor = $2, updated_at = $3 WHERE name = $1 AND cursor = $4",
     };
     let mut query = sqlx::query(sql).bind(name).bind(new).bind(now.to_string());

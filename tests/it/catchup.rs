@@ -289,6 +289,11 @@ both! {
         assert!(!advance(Some("x"), "b").await.unwrap(), "a stale cursor loses");
         assert!(advance(Some("a"), "c").await.unwrap(), "the current cursor moves");
         assert_eq!(cursor(&t.db).await.as_deref(), Some("c"));
+        // An operator clears the cursor to start over: the next first run takes it, once.
+        sqlx::query("UPDATE sync_state SET cursor = NULL").execute(pool).await.unwrap();
+        assert!(advance(None, "d").await.unwrap(), "a cleared cursor is set again");
+        assert!(!advance(None, "e").await.unwrap(), "and a second first-run loses");
+        assert_eq!(cursor(&t.db).await.as_deref(), Some("d"));
     }
 
     async fn resync_removes_a_membership_gone_from_workos_and_a_dry_run_writes_nothing(t) {
