@@ -86,12 +86,14 @@ async fn handle(
     };
     let receipt = app.batcher.submit(incoming).await?;
     tracing::info!(event_id = %receipt.event_id, outcome = %receipt.outcome, secret_position = secret, "webhook delivered");
+    // Refused however the inbox took it (stored now, or a duplicate of the first delivery), so that
+    // every retry of one delivery gets the same answer.
     match invalid {
-        Some(reason) if receipt.outcome == INVALID => Err(AppError::InvalidEvent(format!(
+        Some(reason) => Err(AppError::InvalidEvent(format!(
             "event {}: {reason}",
             receipt.event_id
         ))),
-        _ => Ok(Json(receipt)),
+        None => Ok(Json(receipt)),
     }
 }
 

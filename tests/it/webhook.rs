@@ -261,6 +261,10 @@ both! {
             .fetch_one(t.db.pool()).await.unwrap();
         assert_eq!(outcome, "invalid");
         assert_eq!(audit_count(&t.db).await, 0);
+        let (status, answer) = app.deliver(body).await;
+        assert_eq!((status, answer["error"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_event")), "a retry gets the same answer");
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhook_events").fetch_one(t.db.pool()).await.unwrap();
+        assert_eq!(rows, 1, "stored once");
     }
 
     async fn an_oversized_body_is_refused_before_it_is_read(t) {
