@@ -298,12 +298,12 @@ fn differs(i: usize, want: Option<&Expected>, got: Option<&Row>) -> Option<Strin
     let role_ok = want.role.is_none_or(|r| r == got.role_slug.as_deref());
     let same = role_ok
         && got.workos_role_slug.as_deref() == want.workos
-        && got.status == want.status
+        && want.status.is_none_or(|s| s == got.status)
         && got.version == ts(want.version)
         && got.membership_id == crate::workload::membership_id(i);
     (!same).then(|| {
         format!(
-            "{}: want role {:?} workos {:?} status {} version {}, got role {:?} workos {:?} status {} version {}",
+            "{}: want role {:?} workos {:?} status {:?} version {}, got role {:?} workos {:?} status {} version {}",
             user_id(i),
             want.role,
             want.workos,

@@ -5,6 +5,8 @@ use crate::workload::{is_known, Event, Kind, Workload, PREFILL_VERSION_MS};
 
 /// Status of a deleted membership.
 pub const DELETED: &str = "deleted";
+/// The status under which the web app lets a role through.
+pub const ACTIVE: &str = "active";
 
 /// A successful webhook answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,12 +79,13 @@ struct Stored {
 }
 
 /// The row a membership must end with. `role` is `None` when it depends on arrival order (the newest
-/// version carries an unknown role): then only the other fields are checked.
+/// version carries an unknown role), and so is `status` when that version would also activate (an
+/// unknown role never makes a kept role active): then only the other fields are checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Expected {
     pub role: Option<Option<&'static str>>,
     pub workos: Option<&'static str>,
-    pub status: &'static str,
+    pub status: Option<&'static str>,
     pub version: i64,
 }
 
@@ -106,7 +109,11 @@ fn decide(stored: Option<&Stored>, e: &Event) -> (Outcome, Option<Stored>) {
     let old_role = stored.and_then(|s| s.role);
     let (role, status, outcome) = match e.kind {
         Kind::Deleted => (None, DELETED, Outcome::Removed),
-        _ if !is_known(e.role) => (old_role, e.status, Outcome::UnknownRole),
+        _ if !is_known(e.role) => (
+            old_role,
+            unknown_role_status(stored, e),
+            Outcome::UnknownRole,
+        ),
         _ => (Some(e.role), e.status, Outcome::Applied),
     };
     let row = Stored {
@@ -121,6 +128,14 @@ fn decide(stored: Option<&Stored>, e: &Event) -> (Outcome, Option<Stored>) {
             && (outcome != Outcome::UnknownRole || s.workos == row.workos)
     });
     (if repeat { Outcome::Unchanged } else { outcome }, Some(row))
+}
+
+/// The status an unknown role leaves: the event's, unless that would make a kept role active.
+fn unknown_role_status(stored: Option<&Stored>, e: &Event) -> &'static str {
+    match stored {
+        Some(s) if s.role.is_some() && e.status == ACTIVE && s.status != ACTIVE => s.status,
+        _ => e.status,
+    }
 }
 
 /// The outcomes if every delivery were decided in send order (true for concurrency 1).
@@ -164,9 +179,9 @@ pub fn expected_rows(w: &Workload) -> Vec<Option<Expected>> {
 
 fn expected_of(e: &Event) -> Expected {
     let (role, status) = match e.kind {
-        Kind::Deleted => (Some(None), DELETED),
-        _ if is_known(e.role) => (Some(Some(e.role)), e.status),
-        _ => (None, e.status),
+        Kind::Deleted => (Some(None), Some(DELETED)),
+        _ if is_known(e.role) => (Some(Some(e.role)), Some(e.status)),
+        _ => (None, (e.status != ACTIVE).then_some(e.status)),
     };
     Expected {
         role,
@@ -180,7 +195,7 @@ fn expected_of_row(s: &Stored) -> Expected {
     Expected {
         role: Some(s.role),
         workos: s.workos,
-        status: s.status,
+        status: Some(s.status),
         version: s.version,
     }
 }
