@@ -159,6 +159,29 @@ mod tests {
         format!(r#"{{"id":"event_1","event":"{event}","data":{data}}}"#)
     }
 
+    #[test]
+    fn nesting_is_accepted_up_to_the_limit_and_refused_beyond() {
+        // The envelope is one level; `context` holds the rest.
+        let nested = |levels: usize| {
+            let inner = "[".repeat(levels - 1) + &"]".repeat(levels - 1);
+            format!(r#"{{"id":"event_1","event":"x","context":{inner}}}"#)
+        };
+        assert_eq!(nesting_depth(nested(MAX_DEPTH).as_bytes()), MAX_DEPTH);
+        assert!(
+            parse_envelope(nested(MAX_DEPTH).as_bytes()).is_ok(),
+            "{MAX_DEPTH} levels"
+        );
+        let refused = parse_envelope(nested(MAX_DEPTH + 1).as_bytes()).unwrap_err();
+        assert!(refused.0.contains("nested deeper"), "{refused}");
+        let in_strings = r#"{"s":"[[ \" {{ \\","t":[1]}"#;
+        serde_json::from_str::<serde_json::Value>(in_strings).expect("valid JSON");
+        assert_eq!(
+            nesting_depth(in_strings.as_bytes()),
+            2,
+            "brackets inside strings, escaped quotes included, do not count"
+        );
+    }
+
     const DATA: &str = r#"{"id":"om_1","user_id":"user_1","organization_id":"org_1","status":"active",
         "role":{"slug":"admin"},"roles":[{"slug":"admin"}],"updated_at":"2023-11-18T17:10:15.121Z","extra":1}"#;
 
