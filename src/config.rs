@@ -99,29 +99,33 @@ impl FromStr for DatabaseUrl {
     }
 }
 
-/// `scheme://user:****@host/...?password=****` for logs and errors. The user information ends at
-/// the last `@` before the path, as URL parsers read it, so a password holding `@` is hidden whole.
+/// `scheme://user:****@host/...?password=****` for logs and errors. Everything between the first
+/// `:` and the last `@` before the query is hidden, so a password holding `@`, `/` or `#` (which
+/// a URL should percent-encode, but an operator may not) is hidden whole; at worst more is hidden.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let authority = match authority.rsplit_once('@') {
+    let (before_query, query) = match rest.split_once('?') {
+        Some((before, query)) => (before, Some(query)),
+        None => (rest, None),
+    };
+    let mut shown = match before_query.rsplit_once('@') {
         Some((auth, host)) if auth.contains(':') => {
             let user = auth.split(':').next().unwrap_or_default();
-            format!("{user}:****@{host}")
+            format!("{scheme}://{user}:****@{host}")
         }
-        _ => authority.to_owned(),
+        _ => format!("{scheme}://{before_query}"),
     };
-    format!("{scheme}://{authority}{}", redact_query_passwords(tail))
+    if let Some(query) = query {
+        shown.push('?');
+        shown.push_str(&redact_query_passwords(query));
+    }
+    shown
 }
 
 /// `password=...` parameters of a URL's query (PostgreSQL accepts the password there too).
-fn redact_query_passwords(tail: &str) -> String {
-    let Some((path, query)) = tail.split_once('?') else {
-        return tail.to_owned();
-    };
+fn redact_query_passwords(query: &str) -> String {
     let params: Vec<String> = query
         .split('&')
         .map(|param| match param.split_once('=') {
@@ -129,7 +133,7 @@ fn redact_query_passwords(tail: &str) -> String {
             _ => param.to_owned(),
         })
         .collect();
-    format!("{path}?{}", params.join("&"))
+    params.join("&")
 }
 
 /// An HTTP base URL (`http://` or `https://`), kept without a trailing slash.
@@ -433,6 +437,15 @@ mod tests {
             (
                 "postgres://app:p@ss@db:5432/x",
                 "postgres://app:****@db:5432/x",
+            ),
+            ("postgres://app:pa/ss#w@db/x", "postgres://app:****@db/x"),
+            (
+                "postgres://app:pw@[::1]:5432/x",
+                "postgres://app:****@[::1]:5432/x",
+            ),
+            (
+                "sqlite:///tmp/a@b/rolesync.db",
+                "sqlite:///tmp/a@b/rolesync.db",
             ),
             (
                 "postgres://app:secret@db/x?sslmode=require&password=other",

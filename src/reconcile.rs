@@ -163,7 +163,7 @@ pub fn decide(
             (old_status.clone(), old_status),
             detail,
         );
-        let news = !history.is_some_and(|h| already_known(h, obs));
+        let news = !history.is_some_and(|h| already_known(h, obs, role_known));
         return Decision {
             outcome: Outcome::Stale,
             write: None,
@@ -243,15 +243,19 @@ fn status_under_unknown_role(stored: Option<&Membership>, obs: &Observation) -> 
 
 /// A stale observation the trail already accounts for: one decided before (same version), or one that
 /// says what the membership was at that version. Such a late repeat writes no audit row.
-fn already_known(history: &HistoryMark, obs: &Observation) -> bool {
+/// Under an unknown slug the trail holds the status that was kept: an activation it refused is
+/// accounted for too (decided in order, it would have been refused and changed nothing).
+fn already_known(history: &HistoryMark, obs: &Observation, role_known: bool) -> bool {
     let status = if obs.deleted {
         DELETED
     } else {
         obs.status.as_str()
     };
+    let refused_activation =
+        !role_known && status == ACTIVE && history.new_status.as_deref() != Some(ACTIVE);
     history.version == obs.version
         || (history.workos_role_slug == obs.role_slug
-            && history.new_status.as_deref() == Some(status))
+            && (history.new_status.as_deref() == Some(status) || refused_activation))
 }
 
 /// Whether the new row repeats the stored role and status (for a refused slug: the same refused slug),

@@ -295,11 +295,12 @@ both! {
 
     async fn a_login_sent_after_a_webhook_that_joins_an_earlier_fetch_answers_the_webhook_s_role(t) {
         // Login A reads v3 and waits for WorkOS; webhook v5 commits; login B, sent after the
-        // webhook's answer, joins A's fetch. A is ordered at its read; B must not be.
+        // webhook's answer, joins A's fetch. A is ordered at its read; B must not be. WorkOS holds
+        // 3 s, so that B joins in time on a slow machine (it waits 200 ms and one webhook).
         let fake = FakeWorkos::start().await;
-        let app = Arc::new(login_app(&t.db, &fake, 1500));
+        let app = Arc::new(login_app(&t.db, &fake, 6000));
         app.deliver(&membership_event("e1", "created", "user_1", "admin", "active", 3)).await;
-        fake.script([found("user_1", "admin", "active", 3).delayed(Duration::from_millis(800))]);
+        fake.script([found("user_1", "admin", "active", 3).delayed(Duration::from_secs(3))]);
         let spawn_login = || {
             let app = app.clone();
             tokio::spawn(async move { app.login("user_1").await })

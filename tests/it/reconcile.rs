@@ -183,6 +183,19 @@ fn cases() -> Vec<Case> {
             audit: None,
         },
         Case {
+            what: "a late repeat of a refused activation writes no audit",
+            before: vec![
+                obs(1, Some("admin"), "inactive", false),
+                creator(2),
+                creator(3),
+                member(4),
+            ],
+            then: creator(3),
+            outcome: Outcome::Stale,
+            row: (Some("member"), Some("member"), "active", 4),
+            audit: None,
+        },
+        Case {
             what: "an unknown role still deactivates",
             before: vec![admin(1)],
             then: obs(2, Some("creator"), "inactive", false),

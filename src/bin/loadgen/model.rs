@@ -130,7 +130,8 @@ fn decide(stored: Option<&Stored>, e: &Event) -> (Outcome, Option<Stored>) {
     (if repeat { Outcome::Unchanged } else { outcome }, Some(row))
 }
 
-/// The status an unknown role leaves: the event's, unless that would make a kept role active.
+/// The status an unknown role leaves: the event's, unless that would make a kept role active
+/// (the model's copy of `rolesync::reconcile`'s rule, which it checks from outside).
 fn unknown_role_status(stored: Option<&Stored>, e: &Event) -> &'static str {
     match stored {
         Some(s) if s.role.is_some() && e.status == ACTIVE && s.status != ACTIVE => s.status,
@@ -160,7 +161,8 @@ pub fn serial_outcomes(w: &Workload) -> Tally {
     tally
 }
 
-/// The final row of every membership (`None`: no row), which does not depend on arrival order.
+/// The final row of every membership (`None`: no row); what depends on arrival order is left out
+/// (see [`Expected`]).
 pub fn expected_rows(w: &Workload) -> Vec<Option<Expected>> {
     let mut newest: Vec<Option<&Event>> = vec![None; w.memberships];
     for e in w.events.iter().filter(|e| e.kind != Kind::Other) {
