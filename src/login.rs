@@ -245,10 +245,7 @@ pub async fn login(
             led = true;
             match app.login.admit(&key) {
                 Ok(()) => fetch_and_apply(app, user_id, organization_id, Source::Login).await,
-                Err(reason) => (
-                    from_database(app, user_id, organization_id, reason.clone()).await,
-                    Fetched::Unfetched(reason),
-                ),
+                Err(reason) => unfetched(app, user_id, organization_id, reason).await,
             }
         })
         .await
@@ -333,11 +330,7 @@ async fn fetch_and_apply(
         ),
         Err(e) => {
             tracing::warn!(user_id, organization_id, error = %e, "WorkOS gave no answer; using the stored row");
-            let reason = Some(e.reason());
-            (
-                from_database(app, user_id, organization_id, reason.clone()).await,
-                Fetched::Unfetched(reason),
-            )
+            unfetched(app, user_id, organization_id, Some(e.reason())).await
         }
     }
 }
@@ -367,6 +360,17 @@ fn observe(
         source,
         event_id: None,
     })
+}
+
+/// The answer from the database when WorkOS gave none, with the reason for the logins that joined.
+async fn unfetched(
+    app: &AppState,
+    user_id: &str,
+    organization_id: &str,
+    reason: Option<String>,
+) -> (Result<LoginAnswer, LoginError>, Fetched) {
+    let answer = from_database(app, user_id, organization_id, reason.clone()).await;
+    (answer, Fetched::Unfetched(reason))
 }
 
 async fn apply(
