@@ -12,6 +12,7 @@ use serde_json::json;
 use crate::batcher::Batcher;
 use crate::config::{Config, Secret};
 use crate::db::{Backend, Db};
+use crate::error::AppError;
 use crate::login::{self, LoginService};
 use crate::metrics::Metrics;
 use crate::middleware::{self, Inbound};
@@ -75,7 +76,8 @@ pub fn build_router(state: Arc<AppState>) -> Router {
             "/v1/memberships/{organization_id}/{user_id}",
             get(login::get_membership),
         )
-        .route_layer(axum::middleware::from_fn_with_state(
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::around,
         ));
@@ -84,7 +86,18 @@ pub fn build_router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(work)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+}
+
+/// Any path rolesync does not serve.
+async fn not_found() -> AppError {
+    AppError::NoSuchRoute
+}
+
+/// A served path asked with a method it does not take.
+async fn method_not_allowed() -> AppError {
+    AppError::MethodNotAllowed
 }
 
 /// The process is up.

@@ -257,6 +257,7 @@ mod tests {
             role_slug: Some(role.into()),
             status: "active".into(),
             deleted: false,
+            inferred: false,
             version: Timestamp::from_millis(1).unwrap(),
             source: Source::Webhook,
             event_id: Some(event_id.into()),

@@ -8,6 +8,9 @@ use serde_json::json;
 use crate::db::DbError;
 use crate::webhook::signature::SignatureError;
 
+/// Seconds a client should wait after `503 storage_unavailable`: a restarting database takes some.
+pub const STORAGE_RETRY_AFTER: &str = "5";
+
 /// Everything a request can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -37,6 +40,10 @@ pub enum AppError {
     WorkosUnavailable(String),
     #[error("no such membership")]
     NotFound,
+    #[error("no such route")]
+    NoSuchRoute,
+    #[error("this route does not take that method")]
+    MethodNotAllowed,
 }
 
 impl AppError {
@@ -58,7 +65,8 @@ impl AppError {
             Self::LoginDisabled => (StatusCode::SERVICE_UNAVAILABLE, "login_disabled"),
             Self::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             Self::WorkosUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "workos_unavailable"),
-            Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            Self::NotFound | Self::NoSuchRoute => (StatusCode::NOT_FOUND, "not_found"),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
         }
     }
 }
@@ -79,8 +87,12 @@ impl IntoResponse for AppError {
         }
         let body = Json(json!({ "error": code, "message": self.to_string() }));
         match self {
-            // Nothing was stored: the sender may come back in a second.
+            // Nothing was stored: the sender may come back in a second (WorkOS retries on its own
+            // schedule; other clients get a hint instead of a guess).
             Self::Overloaded => (status, [(header::RETRY_AFTER, "1")], body).into_response(),
+            Self::StorageUnavailable(_) => {
+                (status, [(header::RETRY_AFTER, STORAGE_RETRY_AFTER)], body).into_response()
+            }
             _ => (status, body).into_response(),
         }
     }

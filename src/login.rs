@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,7 +23,10 @@ use crate::config::{Config, Secret};
 use crate::db;
 use crate::error::AppError;
 use crate::metrics::{LoginLabels, Metrics};
-use crate::reconcile::{reconcile_and_read, Membership, Observation, Outcome, Source, DELETED};
+use crate::reconcile::{
+    check_id, inferred_deletion, reconcile_and_read, Membership, Observation, Outcome, Source,
+};
+use crate::timestamp::Timestamp;
 use crate::workos::{WorkosClient, WorkosError};
 
 type Key = (String, String);
@@ -84,6 +87,7 @@ pub struct LoginService {
     global: Option<DefaultDirectRateLimiter>,
     inflight: Mutex<HashMap<Key, Flight>>,
     logins: AtomicU64,
+    configuration_error_logged: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -109,6 +113,7 @@ impl LoginService {
             global,
             inflight: Mutex::new(HashMap::new()),
             logins: AtomicU64::new(0),
+            configuration_error_logged: AtomicBool::new(false),
             metrics,
         }
     }
@@ -123,11 +128,26 @@ impl LoginService {
         let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .unwrap_or("");
         match bool::from(presented.as_bytes().ct_eq(expected.expose().as_bytes())) {
             true => Ok(()),
             false => Err(AppError::Unauthorized),
+        }
+    }
+
+    /// Logs why WorkOS gave a login no answer. A configuration error (a key of another
+    /// environment) is logged as an error once per process, then as the warning every failure gets.
+    fn report(&self, error: &WorkosError, user_id: &str, organization_id: &str) {
+        let configuration = matches!(error, WorkosError::UnknownOrganization(_));
+        if configuration
+            && !self
+                .configuration_error_logged
+                .swap(true, Ordering::Relaxed)
+        {
+            tracing::error!(user_id, organization_id, error = %error, "WorkOS configuration error; answering logins from the database");
+        } else {
+            tracing::warn!(user_id, organization_id, error = %error, "WorkOS gave no answer; using the stored row");
         }
     }
 
@@ -153,6 +173,14 @@ impl LoginService {
         }
         Ok(())
     }
+}
+
+/// The credentials of `Bearer <token>`; the scheme is case-insensitive (RFC 9110, section 11.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
 }
 
 /// `POST /v1/reconcile`.
@@ -204,6 +232,10 @@ pub async fn get_membership(
     Path((organization_id, user_id)): Path<(String, String)>,
 ) -> Result<Json<Membership>, AppError> {
     app.login.authorize(&headers)?;
+    // An id rolesync could never have stored (a NUL, which PostgreSQL refuses in text) is absent.
+    if check_id(&organization_id).is_err() || check_id(&user_id).is_err() {
+        return Err(AppError::NotFound);
+    }
     db::memberships::get(app.db.pool(), &organization_id, &user_id)
         .await?
         .map(Json)
@@ -214,12 +246,13 @@ fn parse_request(body: &[u8]) -> Result<(String, String), AppError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|_| AppError::InvalidRequest("body must be a JSON object".into()))?;
     let field = |name: &str| {
-        value
+        let text = value
             .get(name)
             .and_then(Value::as_str)
-            .filter(|s| !s.is_empty() && s.len() <= 255)
-            .map(str::to_owned)
-            .ok_or_else(|| AppError::InvalidRequest(format!("`{name}` must be a non-empty string")))
+            .ok_or_else(|| AppError::InvalidRequest(format!("`{name}` must be a string")))?;
+        check_id(text)
+            .map(|()| text.to_owned())
+            .map_err(|why| AppError::InvalidRequest(format!("`{name}` {why}")))
     };
     Ok((field("user_id")?, field("organization_id")?))
 }
@@ -231,11 +264,7 @@ pub async fn login(
     organization_id: &str,
 ) -> Result<LoginAnswer, LoginError> {
     let key: Key = (organization_id.to_owned(), user_id.to_owned());
-    let flight = app
-        .login
-        .inflight
-        .lock()
-        .expect("inflight lock")
+    let flight = inflight(&app.login.inflight)
         .entry(key.clone())
         .or_default()
         .clone();
@@ -251,15 +280,22 @@ pub async fn login(
         .await
         .clone();
     {
-        let mut inflight = app.login.inflight.lock().expect("inflight lock");
-        if inflight.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
-            inflight.remove(&key);
+        let mut flights = inflight(&app.login.inflight);
+        if flights.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+            flights.remove(&key);
         }
     }
     match led {
         true => answer,
         false => joined(app, user_id, organization_id, fetched).await,
     }
+}
+
+/// The in-flight map. A panic while it was held leaves it poisoned but whole (each change is one
+/// map operation), so it is used as it is rather than failing every later login.
+fn inflight(map: &Mutex<HashMap<Key, Flight>>) -> std::sync::MutexGuard<'_, HashMap<Key, Flight>> {
+    map.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A login that joined another's fetch: the same observation, against a row read after it joined.
@@ -306,21 +342,19 @@ async fn fetch_and_apply(
 ) -> (Result<LoginAnswer, LoginError>, Fetched) {
     let deadline = Instant::now() + app.login.budget;
     let (fetched, stored) = tokio::join!(
-        app.login
-            .workos
-            .find_membership(user_id, organization_id, deadline),
+        find(&app.login.workos, user_id, organization_id, deadline),
         db::memberships::get_with_role(app.db.pool(), organization_id, user_id),
     );
     // A failed read only costs the shortcut: the write path reads again.
     let stored = stored.ok().flatten();
     let observation = fetched.and_then(|found| {
         observe(
-            app,
             user_id,
             organization_id,
             found,
-            stored.as_ref(),
+            stored.as_ref().map(|(m, _)| m),
             source,
+            app.clock.now(),
         )
     });
     match observation {
@@ -329,37 +363,46 @@ async fn fetch_and_apply(
             Fetched::Observed(obs),
         ),
         Err(e) => {
-            tracing::warn!(user_id, organization_id, error = %e, "WorkOS gave no answer; using the stored row");
+            app.login.report(&e, user_id, organization_id);
             unfetched(app, user_id, organization_id, Some(e.reason())).await
         }
     }
 }
 
-/// The observation a fetch makes: the membership found, or a deletion versioned at the fetch time.
+/// The membership WorkOS holds; when it lists none, whether the organization exists at all in this
+/// environment (an API key of another environment lists nothing and answers 200).
+async fn find(
+    workos: &WorkosClient,
+    user_id: &str,
+    organization_id: &str,
+    deadline: Instant,
+) -> Result<Option<crate::workos::ApiMembership>, WorkosError> {
+    let found = workos
+        .find_membership(user_id, organization_id, deadline)
+        .await?;
+    if found.is_none()
+        && !workos
+            .organization_exists(organization_id, deadline)
+            .await?
+    {
+        return Err(WorkosError::UnknownOrganization(organization_id.to_owned()));
+    }
+    Ok(found)
+}
+
+/// The observation a fetch makes: the membership found, or a deletion inferred from its absence.
 fn observe(
-    app: &AppState,
     user_id: &str,
     organization_id: &str,
     found: Option<crate::workos::ApiMembership>,
-    stored: Option<&(Membership, bool)>,
+    stored: Option<&Membership>,
     source: Source,
+    now: Timestamp,
 ) -> Result<Observation, WorkosError> {
-    if let Some(m) = found {
-        return m.observation(source);
+    match found {
+        Some(m) => m.observation(source, now),
+        None => Ok(inferred_deletion(organization_id, user_id, stored, source)),
     }
-    Ok(Observation {
-        organization_id: organization_id.to_owned(),
-        user_id: user_id.to_owned(),
-        membership_id: stored
-            .map(|(s, _)| s.membership_id.clone())
-            .unwrap_or_default(),
-        role_slug: None,
-        status: DELETED.to_owned(),
-        deleted: true,
-        version: app.clock.now(),
-        source,
-        event_id: None,
-    })
 }
 
 /// The answer from the database when WorkOS gave none, with the reason for the logins that joined.

@@ -59,6 +59,21 @@ impl Outcome {
     }
 }
 
+/// Longest id or role slug rolesync stores; WorkOS ids are about 32 characters and slugs shorter.
+pub const MAX_ID_LEN: usize = 255;
+
+/// Why an id or slug is refused: empty, longer than [`MAX_ID_LEN`] bytes, or holding a control
+/// character (a NUL, which PostgreSQL cannot store in text, among them).
+pub fn check_id(value: &str) -> Result<(), String> {
+    if value.is_empty() || value.len() > MAX_ID_LEN {
+        return Err(format!("must be 1 to {MAX_ID_LEN} characters"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err("must not contain control characters".into());
+    }
+    Ok(())
+}
+
 /// Status of a membership that WorkOS deleted.
 pub const DELETED: &str = "deleted";
 /// The status under which the web app lets a role through.
@@ -74,10 +89,79 @@ pub struct Observation {
     pub role_slug: Option<String>,
     pub status: String,
     pub deleted: bool,
+    /// A deletion inferred from WorkOS no longer listing the membership ([`inferred_deletion`]),
+    /// not one WorkOS reported.
+    pub inferred: bool,
     /// WorkOS `updated_at` of this state.
     pub version: Timestamp,
     pub source: Source,
     pub event_id: Option<String>,
+}
+
+/// How far past "now" a version may lie. A version far in the future (`9999-12-31`) would make
+/// every later change of the membership `stale`, freezing it for ever.
+pub const MAX_VERSION_AHEAD_MS: i64 = 24 * 60 * 60 * 1000;
+
+impl Observation {
+    /// Why rolesync refuses to store this observation: an id or slug it cannot store or that no
+    /// WorkOS object has (see [`check_id`]), or a version more than [`MAX_VERSION_AHEAD_MS`] past `now`.
+    pub fn check(&self, now: Timestamp) -> Result<(), String> {
+        let fields = [
+            ("organization_id", Some(&self.organization_id)),
+            ("user_id", Some(&self.user_id)),
+            ("id", Some(&self.membership_id)),
+            ("role.slug", self.role_slug.as_ref()),
+            ("status", Some(&self.status)),
+        ];
+        for (name, value) in fields {
+            if let Some(value) = value {
+                check_id(value).map_err(|why| format!("field `{name}` {why}"))?;
+            }
+        }
+        if self.version.millis() > now.millis().saturating_add(MAX_VERSION_AHEAD_MS) {
+            return Err(format!(
+                "field `updated_at` {} is more than a day ahead of now ({now})",
+                self.version
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The deletion a path infers when WorkOS no longer lists a membership (a login that finds none, a
+/// resync). Absence carries no version, and an answer from the wrong WorkOS environment looks the
+/// same, so the observation carries the version of the row it removes (the Unix epoch when nothing
+/// is stored) and its tombstone is written one microsecond below it ([`decide`]): any later
+/// sighting of that state or a newer one outranks it and restores the membership, while an older
+/// one stays `stale`. A row newer than the one the inference rests on makes it `stale`.
+pub fn inferred_deletion(
+    organization_id: &str,
+    user_id: &str,
+    stored: Option<&Membership>,
+    source: Source,
+) -> Observation {
+    let epoch = Timestamp::from_micros(0).expect("the epoch is in range");
+    Observation {
+        organization_id: organization_id.to_owned(),
+        user_id: user_id.to_owned(),
+        membership_id: stored.map(|s| s.membership_id.clone()).unwrap_or_default(),
+        role_slug: None,
+        status: DELETED.to_owned(),
+        deleted: true,
+        inferred: true,
+        version: stored.map_or(epoch, |s| s.version),
+        source,
+        event_id: None,
+    }
+}
+
+/// The version an inferred deletion's tombstone takes over a live row: just below the row's, so
+/// that a sighting of the same state outranks it.
+fn below_live(stored: Option<&Membership>, obs: &Observation) -> Option<Timestamp> {
+    let live = stored.filter(|s| s.status != DELETED && s.version == obs.version)?;
+    obs.inferred
+        .then(|| Timestamp::from_micros(live.version.micros() - 1))
+        .flatten()
 }
 
 /// A `memberships` row.
@@ -170,7 +254,25 @@ pub fn decide(
             audit: news.then_some(audit),
         };
     }
-    let (new_role, new_status, outcome, detail) = if obs.deleted {
+    let lowered;
+    let obs = match below_live(stored, obs) {
+        Some(version) => {
+            lowered = Observation {
+                version,
+                ..obs.clone()
+            };
+            &lowered
+        }
+        None => obs,
+    };
+    let (new_role, new_status, outcome, detail) = if obs.inferred {
+        (
+            None,
+            DELETED.to_owned(),
+            Outcome::Removed,
+            "WorkOS no longer lists the membership".to_owned(),
+        )
+    } else if obs.deleted {
         (
             None,
             DELETED.to_owned(),
@@ -201,7 +303,11 @@ pub fn decide(
         user_id: obs.user_id.clone(),
         membership_id: obs.membership_id.clone(),
         role_slug: new_role.clone(),
-        workos_role_slug: obs.role_slug.clone(),
+        // Absence reports no slug: the last one WorkOS reported stays on record.
+        workos_role_slug: match obs.inferred {
+            true => stored.and_then(|s| s.workos_role_slug.clone()),
+            false => obs.role_slug.clone(),
+        },
         status: new_status.clone(),
         version: obs.version,
         updated_at: now,

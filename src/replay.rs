@@ -198,7 +198,7 @@ async fn reapply(db: &Db, page: &[StoredEvent], now: Timestamp) -> Result<Vec<Re
     let parsed: Vec<(&StoredEvent, Observation)> = page
         .iter()
         .filter_map(|e| {
-            match Incoming::parse(e.payload.as_bytes(), Source::Replay).map(|i| i.kind) {
+            match Incoming::parse(e.payload.as_bytes(), Source::Replay, now).map(|i| i.kind) {
                 Ok(EventKind::Membership(obs)) => Some((e, obs)),
                 _ => None,
             }

@@ -7,7 +7,7 @@ use tokio::time::Instant;
 
 use crate::db::{self, Db, Key};
 use crate::reconcile::{
-    decide, reconcile_batch, Membership, Observation, Outcome, Source, DELETED,
+    decide, inferred_deletion, reconcile_batch, Membership, Observation, Outcome, Source, DELETED,
 };
 use crate::timestamp::Timestamp;
 use crate::workos::{ApiMembership, WorkosClient};
@@ -39,8 +39,8 @@ pub async fn list_organization(
 /// 100,000 memberships: more pages than that is a runaway cursor.
 const MAX_PAGES: usize = 1000;
 
-/// The observations a resync makes: each WorkOS membership, and a deletion (versioned `now`) for
-/// each stored, not yet deleted membership that WorkOS no longer lists.
+/// The observations a resync makes: each WorkOS membership, and an inferred deletion
+/// ([`inferred_deletion`]) for each stored, not yet deleted membership that WorkOS no longer lists.
 pub fn observations(
     found: &[ApiMembership],
     stored: &[Membership],
@@ -48,7 +48,7 @@ pub fn observations(
 ) -> anyhow::Result<Vec<Observation>> {
     let mut out: Vec<Observation> = found
         .iter()
-        .map(|m| m.observation(Source::Resync))
+        .map(|m| m.observation(Source::Resync, now))
         .collect::<Result<_, _>>()?;
     let present: HashSet<(&str, &str)> = found
         .iter()
@@ -58,17 +58,12 @@ pub fn observations(
         .iter()
         .filter(|s| s.status != DELETED && !present.contains(&(&s.organization_id, &s.user_id)))
     {
-        out.push(Observation {
-            organization_id: gone.organization_id.clone(),
-            user_id: gone.user_id.clone(),
-            membership_id: gone.membership_id.clone(),
-            role_slug: None,
-            status: DELETED.to_owned(),
-            deleted: true,
-            version: now,
-            source: Source::Resync,
-            event_id: None,
-        });
+        out.push(inferred_deletion(
+            &gone.organization_id,
+            &gone.user_id,
+            Some(gone),
+            Source::Resync,
+        ));
     }
     Ok(out)
 }
@@ -84,6 +79,16 @@ pub async fn resync(
     // Stored rows first: only a membership stored before the listing began can be missing from it.
     // One a webhook stores meanwhile may be on a page already served, and is no deletion.
     let stored = db::memberships::list(db.pool(), Some(organization_id)).await?;
+    // An API key of another WorkOS environment lists no memberships: that is no deletion of all.
+    let deadline = Instant::now() + LIST_DEADLINE;
+    if !workos
+        .organization_exists(organization_id, deadline)
+        .await?
+    {
+        anyhow::bail!(
+            "WorkOS does not know organization {organization_id:?}: check that WORKOS_API_KEY belongs to the environment that holds it; nothing was changed"
+        );
+    }
     let found = list_organization(workos, organization_id).await?;
     let observed = observations(&found, &stored, now)?;
     let by_key: HashMap<Key, Membership> = stored

@@ -121,9 +121,10 @@ impl Syncer {
         events: &[Box<RawValue>],
         report: &mut SyncReport,
     ) -> Result<bool, SyncError> {
+        let now = self.clock.now();
         let batch: Vec<Incoming> = events
             .iter()
-            .filter_map(|raw| match Incoming::parse(raw.get().as_bytes(), Source::Events) {
+            .filter_map(|raw| match Incoming::parse(raw.get().as_bytes(), Source::Events, now) {
                 Ok(incoming) => Some(incoming),
                 Err(e) => {
                     tracing::warn!(error = %e, "skipping an event the Events API returned without id or type");

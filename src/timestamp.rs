@@ -1,4 +1,4 @@
-//! Millisecond UTC timestamps: WorkOS `updated_at` versions and local write times, and the clock.
+//! Microsecond UTC timestamps: WorkOS `updated_at` versions and local write times, and the clock.
 
 use std::fmt;
 use std::sync::Arc;
@@ -7,8 +7,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-/// A UTC instant with millisecond precision, stored as `YYYY-MM-DDTHH:MM:SS.mmmZ` so that text order
-/// is time order in both databases.
+/// A UTC instant with microsecond precision, stored as `YYYY-MM-DDTHH:MM:SS.ffffffZ` so that text
+/// order is time order in both databases. WorkOS sends milliseconds; a version with finer digits
+/// keeps six of them, so two versions within one millisecond still order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp(i64);
 
@@ -19,54 +20,70 @@ pub struct TimestampError(String);
 
 impl Timestamp {
     /// Earliest and latest instants that keep the text form fixed-width (years 0000..=9999).
-    const MIN_MS: i64 = -62_167_219_200_000;
-    const MAX_MS: i64 = 253_402_300_799_999;
+    const MIN_US: i64 = -62_167_219_200_000_000;
+    const MAX_US: i64 = 253_402_300_799_999_999;
 
-    /// From milliseconds since the Unix epoch.
-    pub fn from_millis(ms: i64) -> Option<Self> {
-        (Self::MIN_MS..=Self::MAX_MS)
-            .contains(&ms)
-            .then_some(Self(ms))
+    /// From microseconds since the Unix epoch.
+    pub const fn from_micros(us: i64) -> Option<Self> {
+        if us >= Self::MIN_US && us <= Self::MAX_US {
+            Some(Self(us))
+        } else {
+            None
+        }
     }
 
-    /// Milliseconds since the Unix epoch.
-    pub fn millis(self) -> i64 {
+    /// From milliseconds since the Unix epoch.
+    pub const fn from_millis(ms: i64) -> Option<Self> {
+        match ms.checked_mul(1000) {
+            Some(us) => Self::from_micros(us),
+            None => None,
+        }
+    }
+
+    /// Microseconds since the Unix epoch.
+    pub fn micros(self) -> i64 {
         self.0
     }
 
-    /// Parses RFC 3339 (any offset, any fraction); sub-millisecond digits are truncated.
+    /// Milliseconds since the Unix epoch (rounded down).
+    pub fn millis(self) -> i64 {
+        self.0.div_euclid(1000)
+    }
+
+    /// Parses RFC 3339 (any offset, any fraction); digits beyond microseconds are truncated.
     pub fn parse(text: &str) -> Result<Self, TimestampError> {
         let err = || TimestampError(text.chars().take(64).collect());
         let parsed = OffsetDateTime::parse(text, &Rfc3339).map_err(|_| err())?;
-        let ms = parsed.unix_timestamp_nanos().div_euclid(1_000_000);
-        i64::try_from(ms)
+        let us = parsed.unix_timestamp_nanos().div_euclid(1000);
+        i64::try_from(us)
             .ok()
-            .and_then(Self::from_millis)
+            .and_then(Self::from_micros)
             .ok_or_else(err)
     }
 
     /// The current system time.
     pub fn now() -> Self {
-        let ms = SystemTime::now()
+        let us = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        Self(ms)
+            .map_or(0, |d| d.as_micros() as i64);
+        Self(us)
     }
 }
 
 impl fmt::Display for Timestamp {
-    /// Writes `YYYY-MM-DDTHH:MM:SS.mmmZ` digit by digit (it is on every delivery's path several
+    /// Writes `YYYY-MM-DDTHH:MM:SS.ffffffZ` digit by digit (it is on every delivery's path several
     /// times; through the `time` crate's formatter each took about ten times the instructions).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const MS_PER_DAY: i64 = 86_400_000;
-        let (year, month, day) = civil_from_days(self.0.div_euclid(MS_PER_DAY));
-        let ms_of_day = self.0.rem_euclid(MS_PER_DAY);
+        const US_PER_DAY: i64 = 86_400_000_000;
+        let (year, month, day) = civil_from_days(self.0.div_euclid(US_PER_DAY));
+        let us_of_day = self.0.rem_euclid(US_PER_DAY);
         let year = u32::try_from(year)
             .ok()
             .filter(|y| *y <= 9999)
             .ok_or(fmt::Error)?;
-        let ms_of_day = ms_of_day as u32; // < 86_400_000
-        let mut text = *b"0000-00-00T00:00:00.000Z";
+        let seconds_of_day = (us_of_day / 1_000_000) as u32; // < 86_400
+        let us_of_second = (us_of_day % 1_000_000) as u32;
+        let mut text = *b"0000-00-00T00:00:00.000000Z";
         let mut put = |at: usize, width: usize, mut value: u32| {
             for slot in text[at..at + width].iter_mut().rev() {
                 *slot = b'0' + (value % 10) as u8;
@@ -76,10 +93,10 @@ impl fmt::Display for Timestamp {
         put(0, 4, year);
         put(5, 2, month);
         put(8, 2, day);
-        put(11, 2, ms_of_day / 3_600_000);
-        put(14, 2, ms_of_day / 60_000 % 60);
-        put(17, 2, ms_of_day / 1_000 % 60);
-        put(20, 3, ms_of_day % 1_000);
+        put(11, 2, seconds_of_day / 3_600);
+        put(14, 2, seconds_of_day / 60 % 60);
+        put(17, 2, seconds_of_day % 60);
+        put(20, 6, us_of_second);
         // Only ASCII digits and separators were written.
         f.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
     }
@@ -138,11 +155,18 @@ mod tests {
     #[test]
     fn round_trips_through_the_canonical_text_form() {
         let cases = [
-            ("2023-11-18T17:10:15.121Z", "2023-11-18T17:10:15.121Z"),
-            ("2023-11-18T17:10:15Z", "2023-11-18T17:10:15.000Z"),
-            ("2023-11-18T17:10:15.1219Z", "2023-11-18T17:10:15.121Z"),
-            ("2023-11-18T19:10:15.121+02:00", "2023-11-18T17:10:15.121Z"),
-            ("1969-12-31T23:59:59.999Z", "1969-12-31T23:59:59.999Z"),
+            ("2023-11-18T17:10:15.121Z", "2023-11-18T17:10:15.121000Z"),
+            ("2023-11-18T17:10:15Z", "2023-11-18T17:10:15.000000Z"),
+            ("2023-11-18T17:10:15.1219Z", "2023-11-18T17:10:15.121900Z"),
+            (
+                "2023-11-18T17:10:15.123456789Z",
+                "2023-11-18T17:10:15.123456Z",
+            ),
+            (
+                "2023-11-18T19:10:15.121+02:00",
+                "2023-11-18T17:10:15.121000Z",
+            ),
+            ("1969-12-31T23:59:59.999Z", "1969-12-31T23:59:59.999000Z"),
         ];
         for (input, expected) in cases {
             let ts = Timestamp::parse(input).unwrap();
@@ -175,9 +199,9 @@ mod tests {
     fn through_time_crate(ts: Timestamp) -> String {
         use time::macros::format_description;
         let format = format_description!(
-            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
         );
-        OffsetDateTime::from_unix_timestamp_nanos(i128::from(ts.millis()) * 1_000_000)
+        OffsetDateTime::from_unix_timestamp_nanos(i128::from(ts.micros()) * 1_000)
             .unwrap()
             .format(&format)
             .unwrap()
@@ -186,32 +210,32 @@ mod tests {
     #[test]
     fn formats_the_edges_of_the_range_and_of_leap_years() {
         let cases = [
-            (Timestamp::MIN_MS, "0000-01-01T00:00:00.000Z"),
-            (Timestamp::MAX_MS, "9999-12-31T23:59:59.999Z"),
-            (0, "1970-01-01T00:00:00.000Z"),
-            (-1, "1969-12-31T23:59:59.999Z"),
-            (951_782_400_000, "2000-02-29T00:00:00.000Z"),
-            (-2_203_891_200_000, "1900-03-01T00:00:00.000Z"),
-            (-62_162_121_600_000, "0000-02-29T00:00:00.000Z"),
-            (1_709_251_199_999, "2024-02-29T23:59:59.999Z"),
+            (Timestamp::MIN_US, "0000-01-01T00:00:00.000000Z"),
+            (Timestamp::MAX_US, "9999-12-31T23:59:59.999999Z"),
+            (0, "1970-01-01T00:00:00.000000Z"),
+            (-1, "1969-12-31T23:59:59.999999Z"),
+            (951_782_400_000_000, "2000-02-29T00:00:00.000000Z"),
+            (-2_203_891_200_000_000, "1900-03-01T00:00:00.000000Z"),
+            (-62_162_121_600_000_000, "0000-02-29T00:00:00.000000Z"),
+            (1_709_251_199_999_999, "2024-02-29T23:59:59.999999Z"),
         ];
-        for (ms, expected) in cases {
-            let ts = Timestamp::from_millis(ms).unwrap();
-            assert_eq!(ts.to_string(), expected, "{ms} ms");
-            assert_eq!(through_time_crate(ts), expected, "{ms} ms through time");
+        for (us, expected) in cases {
+            let ts = Timestamp::from_micros(us).unwrap();
+            assert_eq!(ts.to_string(), expected, "{us} us");
+            assert_eq!(through_time_crate(ts), expected, "{us} us through time");
         }
     }
 
     proptest::proptest! {
         #[test]
-        fn formats_as_the_time_crate_does(ms in Timestamp::MIN_MS..=Timestamp::MAX_MS) {
-            let ts = Timestamp::from_millis(ms).unwrap();
+        fn formats_as_the_time_crate_does(us in Timestamp::MIN_US..=Timestamp::MAX_US) {
+            let ts = Timestamp::from_micros(us).unwrap();
             proptest::prop_assert_eq!(ts.to_string(), through_time_crate(ts));
         }
 
         #[test]
-        fn formats_days_near_the_epoch_as_the_time_crate_does(ms in -5_000_000_000_000i64..5_000_000_000_000) {
-            let ts = Timestamp::from_millis(ms).unwrap();
+        fn formats_days_near_the_epoch_as_the_time_crate_does(us in -5_000_000_000_000_000i64..5_000_000_000_000_000) {
+            let ts = Timestamp::from_micros(us).unwrap();
             proptest::prop_assert_eq!(ts.to_string(), through_time_crate(ts));
         }
     }
@@ -221,5 +245,16 @@ mod tests {
         let a = Timestamp::parse("2023-11-18T17:10:15.121Z").unwrap();
         let b = Timestamp::parse("2023-11-18T17:10:15.122Z").unwrap();
         assert!(a < b && a.to_string() < b.to_string());
+    }
+
+    #[test]
+    fn versions_within_one_millisecond_keep_their_order() {
+        let later = Timestamp::parse("2023-11-18T17:10:15.0009Z").unwrap();
+        let earlier = Timestamp::parse("2023-11-18T17:10:15.0001Z").unwrap();
+        assert!(earlier < later, "sub-millisecond digits are kept");
+        assert!(
+            earlier.to_string() < later.to_string(),
+            "and so is text order"
+        );
     }
 }

@@ -76,8 +76,8 @@ async fn handle(
             position: secret.to_string(),
         })
         .inc();
-    let incoming =
-        Incoming::parse(&body, Source::Webhook).map_err(|e| AppError::InvalidPayload(e.0))?;
+    let incoming = Incoming::parse(&body, Source::Webhook, app.clock.now())
+        .map_err(|e| AppError::InvalidPayload(e.0))?;
     tracing::Span::current().record("event_id", incoming.event_id.as_str());
     tracing::debug!(secret_position = secret, event_type = %incoming.event_type, "signature verified");
     let invalid = match &incoming.kind {
@@ -161,13 +161,13 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// Parses and classifies a body (already verified, or read back from the inbox).
-    pub fn parse(body: &[u8], source: Source) -> Result<Self, PayloadError> {
+    /// Parses and classifies a body (already verified, or read back from the inbox) at `now`.
+    pub fn parse(body: &[u8], source: Source, now: Timestamp) -> Result<Self, PayloadError> {
         let envelope = parse_envelope(body)?;
         let payload =
             std::str::from_utf8(body).map_err(|_| PayloadError("body is not UTF-8".into()))?;
         Ok(Self {
-            kind: classify(&envelope, source),
+            kind: classify(&envelope, source, now),
             event_id: envelope.id,
             event_type: envelope.event,
             payload: payload.to_owned(),

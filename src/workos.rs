@@ -41,6 +41,8 @@ pub enum WorkosError {
     Transport(String),
     #[error("WorkOS answered with an unreadable body: {0}")]
     Malformed(String),
+    #[error("this WorkOS environment does not know organization {0:?}; check that WORKOS_API_KEY belongs to the environment that holds it")]
+    UnknownOrganization(String),
 }
 
 impl WorkosError {
@@ -49,6 +51,7 @@ impl WorkosError {
         match self {
             Self::NotConfigured => "not_configured".into(),
             Self::Timeout => "timeout".into(),
+            Self::UnknownOrganization(_) => "unknown_organization".into(),
             Self::Unauthorized(_) => "unauthorized".into(),
             Self::RateLimited => "rate_limited".into(),
             Self::Status(code) => format!("http_{code}"),
@@ -98,21 +101,27 @@ pub struct ListMetadata {
 }
 
 impl ApiMembership {
-    /// The observation this membership makes, for a path.
-    pub fn observation(&self, source: Source) -> Result<Observation, WorkosError> {
+    /// The observation this membership makes, for a path, checked against `now`
+    /// ([`Observation::check`]).
+    pub fn observation(&self, source: Source, now: Timestamp) -> Result<Observation, WorkosError> {
         let version = Timestamp::parse(&self.updated_at)
             .map_err(|e| WorkosError::Malformed(e.to_string()))?;
-        Ok(Observation {
+        let observation = Observation {
             organization_id: self.organization_id.clone(),
             user_id: self.user_id.clone(),
             membership_id: self.id.clone(),
             role_slug: self.role.as_ref().and_then(|r| r.slug.clone()),
             status: self.status.clone().unwrap_or_else(|| "unknown".into()),
             deleted: false,
+            inferred: false,
             version,
             source,
             event_id: None,
-        })
+        };
+        observation
+            .check(now)
+            .map_err(|why| WorkosError::Malformed(format!("membership {}: {why}", self.id)))?;
+        Ok(observation)
     }
 }
 
@@ -166,6 +175,23 @@ impl WorkosClient {
             })
             .await?;
         Ok(listed.into_iter().find(wanted))
+    }
+
+    /// Whether this environment knows the organization (`GET /organizations/{id}`: 404 is no).
+    pub async fn organization_exists(
+        &self,
+        organization_id: &str,
+        deadline: Instant,
+    ) -> Result<bool, WorkosError> {
+        let path = format!("/organizations/{}", path_segment(organization_id));
+        match self
+            .get_json::<serde_json::Value>(&path, &[], deadline)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(WorkosError::Status(404)) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Memberships matching `filters`, all statuses, page after page until `enough` is satisfied by a
@@ -287,6 +313,18 @@ impl WorkosClient {
         );
         classify(status, &headers, request_id).map(|()| body.to_vec())
     }
+}
+
+/// `text` as one URL path segment: every byte but the unreserved ones percent-encoded.
+fn path_segment(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn classify(

@@ -3,11 +3,8 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::reconcile::{Observation, Source, DELETED};
+use crate::reconcile::{check_id, Observation, Source, DELETED, MAX_ID_LEN};
 use crate::timestamp::Timestamp;
-
-/// Longest event id accepted; WorkOS ids are about 32 characters.
-const MAX_ID_LEN: usize = 255;
 
 /// The envelope of every WorkOS event. `data` stays raw until the type is known.
 #[derive(Debug, Deserialize)]
@@ -58,16 +55,8 @@ pub fn parse_envelope(body: &[u8]) -> Result<Envelope<'_>, PayloadError> {
     }
     let envelope: Envelope = serde_json::from_slice(body)
         .map_err(|e| PayloadError(format!("body is not a WorkOS event: {e}")))?;
-    if envelope.id.is_empty() || envelope.id.len() > MAX_ID_LEN {
-        return Err(PayloadError(format!(
-            "event id must be 1 to {MAX_ID_LEN} characters"
-        )));
-    }
-    if envelope.event.is_empty() || envelope.event.len() > MAX_ID_LEN {
-        return Err(PayloadError(format!(
-            "event type must be 1 to {MAX_ID_LEN} characters"
-        )));
-    }
+    check_id(&envelope.id).map_err(|why| PayloadError(format!("event id {why}")))?;
+    check_id(&envelope.event).map_err(|why| PayloadError(format!("event type {why}")))?;
     Ok(envelope)
 }
 
@@ -95,14 +84,15 @@ fn nesting_depth(body: &[u8]) -> usize {
     deepest
 }
 
-/// Classifies an event and, for a membership event, builds its observation.
-pub fn classify(envelope: &Envelope<'_>, source: Source) -> EventKind {
+/// Classifies an event and, for a membership event, builds its observation; one that fails
+/// [`Observation::check`] against `now` is invalid.
+pub fn classify(envelope: &Envelope<'_>, source: Source, now: Timestamp) -> EventKind {
     let deleted = match envelope.event.as_str() {
         "organization_membership.created" | "organization_membership.updated" => false,
         "organization_membership.deleted" => true,
         _ => return EventKind::Other,
     };
-    match observation(envelope, deleted, source) {
+    match observation(envelope, deleted, source).and_then(|obs| obs.check(now).map(|()| obs)) {
         Ok(obs) => EventKind::Membership(obs),
         Err(reason) => EventKind::Invalid(reason),
     }
@@ -135,6 +125,7 @@ fn observation(
         role_slug,
         status,
         deleted,
+        inferred: false,
         version,
         source,
         event_id: Some(envelope.id.clone()),
@@ -154,6 +145,12 @@ fn required(value: Option<String>, name: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The tests' now: after every version they use.
+    const NOW: Timestamp = match Timestamp::from_millis(1_900_000_000_000) {
+        Some(now) => now,
+        None => panic!("in range"),
+    };
 
     fn membership_event(event: &str, data: &str) -> String {
         format!(r#"{{"id":"event_1","event":"{event}","data":{data}}}"#)
@@ -188,12 +185,16 @@ mod tests {
     #[test]
     fn a_membership_update_becomes_an_observation() {
         let body = membership_event("organization_membership.updated", DATA);
-        let kind = classify(&parse_envelope(body.as_bytes()).unwrap(), Source::Webhook);
+        let kind = classify(
+            &parse_envelope(body.as_bytes()).unwrap(),
+            Source::Webhook,
+            NOW,
+        );
         let EventKind::Membership(obs) = kind else {
             panic!("expected a membership, got {kind:?}")
         };
         assert_eq!(obs.role_slug.as_deref(), Some("admin"));
-        assert_eq!(obs.version.to_string(), "2023-11-18T17:10:15.121Z");
+        assert_eq!(obs.version.to_string(), "2023-11-18T17:10:15.121000Z");
         assert_eq!(
             (obs.deleted, obs.event_id.as_deref()),
             (false, Some("event_1"))
@@ -216,12 +217,60 @@ mod tests {
             ("data is a string", r#""nope""#.to_owned()),
         ] {
             let body = membership_event("organization_membership.created", &data);
-            let kind = classify(&parse_envelope(body.as_bytes()).unwrap(), Source::Webhook);
+            let kind = classify(
+                &parse_envelope(body.as_bytes()).unwrap(),
+                Source::Webhook,
+                NOW,
+            );
             assert!(
                 matches!(kind, EventKind::Invalid(_)),
                 "{field}: got {kind:?}"
             );
         }
+    }
+
+    #[test]
+    fn membership_events_with_values_no_workos_object_has_are_invalid_naming_the_field() {
+        let long = "x".repeat(256);
+        for (field, data) in [
+            (
+                "role.slug",
+                DATA.replace(r#""slug":"admin"}"#, &format!(r#""slug":"{long}"}}"#)),
+            ),
+            ("user_id", DATA.replace("user_1", r"user\u0000nul")),
+            ("organization_id", DATA.replace("org_1", r"org\n1")),
+            (
+                "status",
+                DATA.replace(r#""active""#, &format!(r#""{long}""#)),
+            ),
+            (
+                "updated_at",
+                DATA.replace("2023-11-18T17:10:15.121Z", "9999-12-31T23:59:59.999Z"),
+            ),
+        ] {
+            let body = membership_event("organization_membership.updated", &data);
+            let kind = classify(
+                &parse_envelope(body.as_bytes()).unwrap(),
+                Source::Webhook,
+                NOW,
+            );
+            let EventKind::Invalid(reason) = &kind else {
+                panic!("{field}: got {kind:?}");
+            };
+            assert!(reason.contains(field), "{field}: {reason}");
+        }
+        let a_day_ahead = Timestamp::from_millis(NOW.millis() + 24 * 3600 * 1000).unwrap();
+        let data = DATA.replace("2023-11-18T17:10:15.121Z", &a_day_ahead.to_string());
+        let body = membership_event("organization_membership.updated", &data);
+        let kind = classify(
+            &parse_envelope(body.as_bytes()).unwrap(),
+            Source::Webhook,
+            NOW,
+        );
+        assert!(
+            matches!(kind, EventKind::Membership(_)),
+            "a day ahead is accepted: {kind:?}"
+        );
     }
 
     #[test]
@@ -234,6 +283,7 @@ mod tests {
             r#"{"event":"x"}"#,
             r#"{"id":"","event":"x"}"#,
             r#"{"id":1,"event":"x"}"#,
+            r#"{"id":"event\u0000","event":"x"}"#,
         ] {
             assert!(
                 parse_envelope(body.as_bytes()).is_err(),
@@ -246,7 +296,11 @@ mod tests {
     fn other_event_types_are_ignored() {
         let body = r#"{"id":"wh_1","event":"user.updated","data":{"id":"user_1"}}"#;
         assert_eq!(
-            classify(&parse_envelope(body.as_bytes()).unwrap(), Source::Webhook),
+            classify(
+                &parse_envelope(body.as_bytes()).unwrap(),
+                Source::Webhook,
+                NOW
+            ),
             EventKind::Other
         );
     }
@@ -262,7 +316,7 @@ mod tests {
         fn parse_and_classify(body: &[u8]) -> Option<EventKind> {
             parse_envelope(body)
                 .ok()
-                .map(|envelope| classify(&envelope, Source::Webhook))
+                .map(|envelope| classify(&envelope, Source::Webhook, NOW))
         }
 
         /// A JSON string value, or (rarely) a non-string.
@@ -359,13 +413,13 @@ mod tests {
 
             #[test]
             fn a_valid_updated_at_round_trips_the_version(
-                // Years 0000 to 9999, the range `Timestamp` accepts.
-                ms in -62_167_219_200_000..=253_402_300_799_999i64,
+                // Year 0000 to the tests' now (a version more than a day ahead is refused).
+                ms in -62_167_219_200_000..=1_900_000_000_000i64,
                 sub_ms_nanos in 0..1_000_000i64,
                 offset_minutes in -(23 * 60 + 59)..=(23 * 60 + 59i32),
                 deleted in any::<bool>(),
             ) {
-                let version = Timestamp::from_millis(ms).expect("in range");
+                let version = Timestamp::from_micros(ms * 1000 + sub_ms_nanos / 1000).expect("in range");
                 // The same instant, written with a local offset and sub-millisecond digits.
                 let nanos = i128::from(ms) * 1_000_000 + i128::from(sub_ms_nanos);
                 let offset = UtcOffset::from_whole_seconds(offset_minutes * 60).expect("offset");
@@ -389,7 +443,7 @@ mod tests {
                     };
                     prop_assert_eq!(obs.version, version, "{}", updated_at);
                     let text = obs.version.to_string();
-                    prop_assert_eq!(text.len(), 24, "fixed width: {}", text);
+                    prop_assert_eq!(text.len(), 27, "fixed width: {}", text);
                     prop_assert_eq!(Timestamp::parse(&text).ok(), Some(version), "{}", text);
                 }
             }

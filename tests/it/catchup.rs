@@ -208,7 +208,7 @@ both! {
         let first = query_of(&fake.requests()[0]);
         assert_eq!(first.get("events").map(String::as_str), Some(EVENTS));
         assert_eq!(first.get("limit").map(String::as_str), Some("100"));
-        assert_eq!(first.get("range_start").map(String::as_str), Some("2026-11-25T11:00:00.000Z"),
+        assert_eq!(first.get("range_start").map(String::as_str), Some("2026-11-25T11:00:00.000000Z"),
             "the first ever request starts at now - lookback: {first:?}");
         assert!(!first.contains_key("after"), "no cursor yet: {first:?}");
         let second = query_of(&fake.requests()[1]);
@@ -312,8 +312,9 @@ both! {
         assert_eq!(audit_count(&t.db).await, 2, "a dry run writes no audit row");
         let after = (membership(&t.db, "org_1", "user_1").await, membership(&t.db, "org_1", "user_2").await);
         assert_eq!(after, before, "a dry run changes no membership");
-        let query = query_of(&fake.requests()[0]);
-        assert_eq!(fake.requests()[0].path, "/user_management/organization_memberships");
+        assert_eq!(fake.requests()[0].path, "/organizations/org_1", "the organization is checked first");
+        let query = query_of(&fake.requests()[1]);
+        assert_eq!(fake.requests()[1].path, "/user_management/organization_memberships");
         assert_eq!((query.get("statuses").map(String::as_str), query.get("organization_id").map(String::as_str)),
             (Some("active,inactive,pending"), Some("org_1")), "every status is asked for: {query:?}");
 
@@ -323,7 +324,8 @@ both! {
         let one = membership(&t.db, "org_1", "user_1").await.unwrap();
         assert_eq!((one.role_slug.as_deref(), one.status.as_str()), (Some("admin"), "active"));
         let two = membership(&t.db, "org_1", "user_2").await.unwrap();
-        assert_eq!((two.role_slug.as_deref(), two.status.as_str(), two.version), (None, "deleted", now()), "a tombstone versioned at the resync time");
+        let below = rolesync::timestamp::Timestamp::from_micros(v(1).micros() - 1).unwrap();
+        assert_eq!((two.role_slug.as_deref(), two.status.as_str(), two.version), (None, "deleted", below), "a tombstone versioned just below the state it removed");
         for user in ["user_1", "user_2"] {
             let audit = audit_of(&t.db, "org_1", user).await;
             assert_eq!((audit.len(), audit[1].source.as_str()), (2, "resync"), "{user}: one resync audit row");
@@ -334,6 +336,18 @@ both! {
         let again = rolesync::resync::resync(&t.db, &workos(&fake), "org_1", false, now()).await.unwrap();
         assert!(again.iter().all(|c| c.outcome == Outcome::Unchanged), "a second resync changes nothing: {again:?}");
         assert_eq!(audit_count(&t.db).await, 4, "and audits nothing");
+    }
+
+    async fn resync_against_an_environment_without_the_organization_changes_nothing(t) {
+        let app = app(&t.db);
+        let fake = FakeWorkos::start().await;
+        app.deliver(&membership_event("e1", "created", "user_1", "admin", "active", 1)).await;
+        fake.organizations_unknown().always(page(vec![], None));
+        let error = rolesync::resync::resync(&t.db, &workos(&fake), "org_1", false, now()).await.unwrap_err();
+        assert!(error.to_string().contains("does not know organization"), "{error}");
+        let one = membership(&t.db, "org_1", "user_1").await.unwrap();
+        assert_eq!((one.role_slug.as_deref(), one.status.as_str()), (Some("admin"), "active"), "nothing removed");
+        assert_eq!(audit_count(&t.db).await, 1);
     }
 
     async fn resync_never_removes_a_membership_stored_while_it_lists(t) {
@@ -557,8 +571,12 @@ async fn a_webhook_committing_the_same_event_during_a_sync_pass_on_postgres_does
     let body = membership_event("e1", "updated", "user_1", "admin", "active", 1);
     fake.script([page(vec![serde_json::from_slice(&body).unwrap()], None)]);
     // A webhook delivery of e1 in flight: stored and reconciled, not yet committed.
-    let incoming =
-        rolesync::webhook::Incoming::parse(&body, rolesync::reconcile::Source::Webhook).unwrap();
+    let incoming = rolesync::webhook::Incoming::parse(
+        &body,
+        rolesync::reconcile::Source::Webhook,
+        rolesync::timestamp::Timestamp::now(),
+    )
+    .unwrap();
     let mut webhook = t.db.begin_write().await.unwrap();
     let receipts = rolesync::webhook::deliver_batch_in(&mut webhook, &t.db, &[incoming], now())
         .await

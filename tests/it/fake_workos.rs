@@ -58,6 +58,8 @@ struct Inner {
     script: VecDeque<Reply>,
     fallback: Option<Reply>,
     seen: Vec<Seen>,
+    /// `GET /organizations/{id}` answers 404 (an API key of another environment), else 200.
+    organizations_unknown: bool,
 }
 
 /// The running fake; dropped with the test's runtime.
@@ -91,6 +93,12 @@ impl FakeWorkos {
         self
     }
 
+    /// Answers every `GET /organizations/{id}` 404, as an environment that does not hold them.
+    pub fn organizations_unknown(&self) -> &Self {
+        self.inner.lock().unwrap().organizations_unknown = true;
+        self
+    }
+
     pub fn requests(&self) -> Vec<Seen> {
         self.inner.lock().unwrap().seen.clone()
     }
@@ -115,9 +123,17 @@ async fn answer(
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
         });
-        let next = inner.script.pop_front();
-        next.or_else(|| inner.fallback.clone())
-            .unwrap_or_else(|| Reply::status(500))
+        // Organizations are answered apart from the script, which holds the memberships pages.
+        if let Some(id) = request.uri().path().strip_prefix("/organizations/") {
+            match inner.organizations_unknown {
+                true => Reply::status(404),
+                false => Reply::json(json!({"object": "organization", "id": id, "name": "Acme"})),
+            }
+        } else {
+            let next = inner.script.pop_front();
+            next.or_else(|| inner.fallback.clone())
+                .unwrap_or_else(|| Reply::status(500))
+        }
     };
     tokio::time::sleep(reply.delay).await;
     let mut response = (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();

@@ -116,7 +116,45 @@ both! {
         let (_, answer) = app.login("user_1").await;
         assert_eq!((answer["outcome"].as_str(), answer["role"].clone(), answer["status"].as_str()), (Some("removed"), Value::Null, Some("deleted")));
         let row = membership(&t.db, "org_1", "user_1").await.unwrap();
-        assert_eq!((row.role_slug, row.version.to_string()), (None, "2026-11-25T12:00:00.000Z".to_owned()), "versioned at the fetch time");
+        let below = rolesync::timestamp::Timestamp::from_micros(v(1).micros() - 1).unwrap();
+        assert_eq!((row.role_slug, row.version), (None, below), "versioned just below the state it removed");
+        let paths: Vec<String> = fake.requests().into_iter().map(|r| r.path).collect();
+        assert_eq!(paths, ["/user_management/organization_memberships", "/organizations/org_1"], "absence is checked against the organization");
+    }
+
+    async fn a_deletion_inferred_from_an_empty_answer_is_outranked_by_the_next_sighting(t) {
+        let fake = FakeWorkos::start().await;
+        let app = login_app(&t.db, &fake, 1500);
+        app.deliver(&membership_event("e1", "created", "user_1", "admin", "active", 5)).await;
+        fake.script([page(vec![], None), found("user_1", "admin", "active", 5)]);
+        assert_eq!(app.login("user_1").await.1["outcome"], "removed", "an empty answer");
+        let (_, healed) = app.login("user_1").await;
+        assert_eq!((healed["outcome"].as_str(), healed["role"].as_str(), healed["status"].as_str()), (Some("applied"), Some("admin"), Some("active")), "the live membership at its own, older-than-now version restores it");
+        let audit = audit_of(&t.db, "org_1", "user_1").await;
+        let outcomes: Vec<&str> = audit.iter().map(|r| r.outcome.as_str()).collect();
+        assert_eq!(outcomes, ["applied", "removed", "applied"], "each change audited once");
+        // The same restore through the other paths: a retried webhook of the live state.
+        fake.script([page(vec![], None)]);
+        assert_eq!(app.login("user_1").await.1["outcome"], "removed");
+        let (_, receipt) = app.deliver(&membership_event("e1-retry", "updated", "user_1", "admin", "active", 5)).await;
+        assert_eq!(receipt["outcome"], "applied", "a webhook of the live state restores it too");
+        let (_, older) = app.deliver(&membership_event("e0", "updated", "user_1", "member", "active", 4)).await;
+        assert_eq!(older["outcome"], "stale", "an older state stays stale");
+    }
+
+    async fn a_login_against_an_environment_without_the_organization_changes_nothing(t) {
+        let fake = FakeWorkos::start().await;
+        let app = login_app(&t.db, &fake, 1500);
+        app.deliver(&membership_event("e1", "created", "user_1", "admin", "active", 5)).await;
+        fake.organizations_unknown().always(page(vec![], None));
+        let before = membership(&t.db, "org_1", "user_1").await.unwrap();
+        for _ in 0..2 {
+            let (status, answer) = app.login("user_1").await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!((answer["source"].as_str(), answer["role"].as_str(), answer["workos_error"].as_str()), (Some("database"), Some("admin"), Some("unknown_organization")), "{answer}");
+        }
+        assert_eq!(membership(&t.db, "org_1", "user_1").await.unwrap(), before, "nothing written");
+        assert_eq!(audit_count(&t.db).await, 1);
     }
 
     async fn the_membership_on_the_second_page_is_found(t) {
@@ -336,6 +374,8 @@ both! {
             (Some(TOKEN), "not json".to_owned(), StatusCode::BAD_REQUEST, "invalid_request", ""),
             (Some(TOKEN), json!({"organization_id": "org_1"}).to_string(), StatusCode::BAD_REQUEST, "invalid_request", "user_id"),
             (Some(TOKEN), json!({"user_id": "u", "organization_id": 5}).to_string(), StatusCode::BAD_REQUEST, "invalid_request", "organization_id"),
+            (Some(TOKEN), json!({"user_id": "u".repeat(300), "organization_id": "org_1"}).to_string(), StatusCode::BAD_REQUEST, "invalid_request", "1 to 255 characters"),
+            (Some(TOKEN), json!({"user_id": "u\u{0}nul", "organization_id": "org_1"}).to_string(), StatusCode::BAD_REQUEST, "invalid_request", "control characters"),
         ];
         for (token, body, status, code, field) in cases {
             let (got, answer) = app.login_with(token, body.clone()).await;
@@ -356,8 +396,15 @@ both! {
         let (status, row) = app.request(get(TOKEN)).await;
         assert_eq!((status, row["role_slug"].as_str(), row["version"].as_str()), (StatusCode::OK, Some("admin"), Some(v(1).to_string().as_str())));
         assert_eq!(app.request(get("nope")).await.0, StatusCode::UNAUTHORIZED);
-        let missing = Request::get("/v1/memberships/org_1/user_x").header("authorization", format!("Bearer {TOKEN}")).body(Body::empty()).unwrap();
-        assert_eq!(app.request(missing).await.0, StatusCode::NOT_FOUND);
+        for path in ["/v1/memberships/org_1/user_x", "/v1/memberships/org_1/u%00nul", "/v1/memberships/org_1/u%0Anl"] {
+            let missing = Request::get(path).header("authorization", format!("Bearer {TOKEN}")).body(Body::empty()).unwrap();
+            let (status, answer) = app.request(missing).await;
+            assert_eq!((status, answer["error"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")), "{path}");
+        }
+        for scheme in ["bearer", "BEARER", "Bearer"] {
+            let get = Request::get("/v1/memberships/org_1/user_1").header("authorization", format!("{scheme} {TOKEN}")).body(Body::empty()).unwrap();
+            assert_eq!(app.request(get).await.0, StatusCode::OK, "the scheme {scheme:?} is case-insensitive");
+        }
     }
 }
 

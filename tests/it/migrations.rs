@@ -53,3 +53,35 @@ async fn both_migration_sets_produce_the_same_tables_and_columns() {
     }
     assert_eq!(s.iter().filter(|(t, _)| t == "role_audit").count(), 15);
 }
+
+/// The SQL of one migration file of a backend.
+fn migration_sql(backend: Backend, prefix: &str) -> String {
+    let dir = match backend {
+        Backend::Sqlite => "migrations/sqlite",
+        Backend::Postgres => "migrations/postgres",
+    };
+    let file = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix))
+        .unwrap_or_else(|| panic!("{dir}/{prefix}*"));
+    std::fs::read_to_string(file).unwrap()
+}
+
+both! {
+    async fn millisecond_rows_gain_microseconds_and_keep_their_order(t) {
+        let pool = t.db.pool();
+        // Rows as releases before 0003 wrote them, beside one written since.
+        for (user, version) in [("old", "2026-11-20T10:00:00.123Z"), ("new", "2026-11-20T10:00:00.123400Z")] {
+            sqlx::query(&format!("INSERT INTO memberships (organization_id, user_id, membership_id, role_slug, workos_role_slug, status, version, updated_at) \
+                 VALUES ('org_1', '{user}', 'om_{user}', 'admin', 'admin', 'active', '{version}', '{version}')"))
+                .execute(pool).await.unwrap();
+        }
+        sqlx::raw_sql(&migration_sql(t.db.backend(), "0003")).execute(pool).await.expect("0003 applies again");
+        let rows = rolesync::db::memberships::list(pool, Some("org_1")).await.unwrap();
+        let versions: Vec<String> = rows.iter().map(|r| r.version.to_string()).collect();
+        assert_eq!(versions, ["2026-11-20T10:00:00.123400Z", "2026-11-20T10:00:00.123000Z"], "new, then old (by user id)");
+        let stored: Vec<String> = sqlx::query_scalar("SELECT version FROM memberships ORDER BY version").fetch_all(pool).await.unwrap();
+        assert_eq!(stored, ["2026-11-20T10:00:00.123000Z", "2026-11-20T10:00:00.123400Z"], "text order is time order");
+    }
+}

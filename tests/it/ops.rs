@@ -46,6 +46,56 @@ impl OneshotText for axum::Router {
     }
 }
 
+#[tokio::test]
+async fn distinct_methods_and_paths_from_any_client_leave_the_exposition_bounded() {
+    let t = crate::support::TestDb::new(rolesync::db::Backend::Sqlite).await;
+    let app = TestApp::new(&t.db);
+    let send = |method: &str, path: String| {
+        let request = Request::builder()
+            .method(axum::http::Method::from_bytes(method.as_bytes()).unwrap())
+            .uri(path)
+            .body(Body::empty())
+            .unwrap();
+        app.exchange(request)
+    };
+    send("GET", "/v1/memberships/o/u".into()).await;
+    let baseline = exposition(&app).await.len();
+    for i in 0..500 {
+        let method = format!("M{i}{}", "X".repeat(1000));
+        let (status, _, answer) = send(&method, "/webhooks/workos".into()).await;
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed")),
+            "an unknown method on a route"
+        );
+        let (status, _, answer) = send(&method, format!("/nowhere/{i}/{}", "p".repeat(1000))).await;
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (StatusCode::NOT_FOUND, Some("not_found")),
+            "an unknown path"
+        );
+        send("DELETE", format!("/v1/memberships/o{i}/u{i}")).await;
+    }
+    let text = exposition(&app).await;
+    assert!(
+        text.len() < baseline + 20_000,
+        "the exposition grew from {baseline} to {} bytes",
+        text.len()
+    );
+    assert!(
+        text.contains(r#"method="other""#),
+        "unknown methods are counted as other"
+    );
+    assert!(
+        text.contains(r#"route="unmatched""#),
+        "unknown paths are counted as unmatched"
+    );
+    assert!(
+        !text.contains("XXXX") && !text.contains("pppp"),
+        "no label holds what the client sent"
+    );
+}
+
 both! {
     async fn health_and_readiness_report_the_database(t) {
         let app = TestApp::new(&t.db);

@@ -44,7 +44,7 @@ both! {
             for &i in order {
                 let (kind, role, status) = steps[i];
                 let body = membership_event(&format!("{user}_e{i}"), kind, &user, role, status, i as i64 + 1);
-                deliver_batch(&t.db, &[Incoming::parse(&body, Source::Webhook).unwrap()], Timestamp::now()).await.unwrap();
+                deliver_batch(&t.db, &[Incoming::parse(&body, Source::Webhook, Timestamp::now()).unwrap()], Timestamp::now()).await.unwrap();
             }
             let row = membership(&t.db, "org_1", &user).await.unwrap();
             assert_eq!((row.role_slug.as_deref(), row.status.as_str()), (Some("admin"), "active"), "order {order:?}");
@@ -411,7 +411,7 @@ async fn batches_sharing_unlocked_events_wait_for_each_other_instead_of_deadlock
     let t = TestDb::new(Backend::Postgres).await;
     let ignored = |id: &str| {
         let body = format!(r#"{{"id":"{id}","event":"user.updated","data":{{}}}}"#);
-        Incoming::parse(body.as_bytes(), Source::Webhook).unwrap()
+        Incoming::parse(body.as_bytes(), Source::Webhook, Timestamp::now()).unwrap()
     };
     let insert = |id: &str| {
         format!(

@@ -153,6 +153,7 @@ pub fn obs(version: i64, role: Option<&str>, status: &str, deleted: bool) -> Obs
         role_slug: role.map(str::to_owned),
         status: status.into(),
         deleted,
+        inferred: false,
         version: v(version),
         source: Source::Cli,
         event_id: None,

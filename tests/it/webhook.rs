@@ -26,6 +26,13 @@ async fn inbox_count(t: &TestDb) -> i64 {
     db::inbox::count(t.db.pool()).await.unwrap()
 }
 
+async fn membership_count(t: &TestDb) -> usize {
+    db::memberships::list(t.db.pool(), None)
+        .await
+        .unwrap()
+        .len()
+}
+
 /// Asserts that a refused request stored nothing at all.
 async fn assert_nothing_stored(t: &TestDb, what: &str) {
     assert_eq!(inbox_count(t).await, 0, "{what}: inbox must stay empty");
@@ -267,6 +274,50 @@ both! {
         assert_eq!(rows, 1, "stored once");
     }
 
+    async fn ids_slugs_and_versions_no_workos_object_has_are_invalid_and_never_stored(t) {
+        let app = TestApp::new(&t.db);
+        let event = |id: &str, data: Value| serde_json::to_vec(&json!({"id": id, "event": "organization_membership.updated", "data": data})).unwrap();
+        let data = |user: &str, slug: &str, updated_at: &str| json!({"id": "om_1", "organization_id": "org_1", "user_id": user, "status": "active", "role": {"slug": slug}, "updated_at": updated_at});
+        let now = rolesync::timestamp::Timestamp::from_millis(app.clock_millis()).unwrap().to_string();
+        let a_day_and_a_bit = rolesync::timestamp::Timestamp::from_millis(app.clock_millis() + 24 * 3600 * 1000 + 1000).unwrap().to_string();
+        let cases = [
+            ("e_nul", data("user\u{0}nul", "admin", &now), "user_id"),
+            ("e_slug", data("user_1", &"s".repeat(100_000), &now), "role.slug"),
+            ("e_future", data("user_1", "admin", "9999-12-31T23:59:59.999Z"), "updated_at"),
+            ("e_ahead", data("user_1", "admin", &a_day_and_a_bit), "updated_at"),
+        ];
+        for (id, data, field) in cases {
+            for attempt in ["first", "retry"] {
+                let (status, answer) = app.deliver(&event(id, data.clone())).await;
+                assert_eq!((status, answer["error"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_event")), "{id} {attempt}: {answer}");
+                assert!(answer["message"].as_str().unwrap().contains(field), "{id}: names {field}: {answer}");
+            }
+        }
+        assert_eq!((membership_count(&t).await, audit_count(&t.db).await), (0, 0), "no membership, no audit row");
+        let (status, answer) = app.deliver(&event("event\u{0}nul", data("user_1", "admin", &now))).await;
+        assert_eq!((status, answer["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_payload")), "a NUL in the event id: {answer}");
+        let (_, answer) = app.deliver(&event("e_ok", data("user_1", "admin", &now))).await;
+        assert_eq!(answer["outcome"], "applied", "a version at now is taken");
+    }
+
+    async fn versions_within_one_millisecond_keep_their_order(t) {
+        let app = TestApp::new(&t.db);
+        let event = |id: &str, role: &str, updated_at: &str| serde_json::to_vec(&json!({"id": id, "event": "organization_membership.updated",
+            "data": {"id": "om_1", "organization_id": "org_1", "user_id": "user_1", "status": "active", "role": {"slug": role}, "updated_at": updated_at}})).unwrap();
+        assert_eq!(app.deliver(&event("e2", "admin", "2026-11-20T10:00:00.0009Z")).await.1["outcome"], "applied");
+        assert_eq!(app.deliver(&event("e1", "member", "2026-11-20T10:00:00.0001Z")).await.1["outcome"], "stale", "the older one, by a fraction of a millisecond");
+        let row = membership(&t.db, "org_1", "user_1").await.unwrap();
+        assert_eq!((row.role_slug.as_deref(), row.version.to_string().as_str()), (Some("admin"), "2026-11-20T10:00:00.000900Z"));
+    }
+
+    async fn a_storage_outage_answer_says_when_to_retry(t) {
+        let app = TestApp::new(&t.db);
+        t.db.close().await;
+        let (status, headers, answer) = app.exchange(app.signed_webhook(&membership_event("e1", "created", "user_1", "admin", "active", 1))).await;
+        assert_eq!((status, answer["error"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("storage_unavailable")));
+        assert_eq!(headers.get("retry-after").and_then(|v| v.to_str().ok()), Some(rolesync::error::STORAGE_RETRY_AFTER));
+    }
+
     async fn an_oversized_body_is_refused_before_it_is_read(t) {
         let app = TestApp::new(&t.db);
         let mut big = membership_event("e1", "created", "user_1", "member", "active", 1);
@@ -373,7 +424,7 @@ both! {
     async fn one_batch_dedupes_orders_and_classifies_every_delivery(t) {
         use rolesync::reconcile::Source;
         use rolesync::webhook::{deliver_batch, Incoming};
-        let parse = |body: Vec<u8>| Incoming::parse(&body, Source::Webhook).unwrap();
+        let parse = |body: Vec<u8>| Incoming::parse(&body, Source::Webhook, rolesync::timestamp::Timestamp::now()).unwrap();
         let batch = vec![
             parse(membership_event("e1", "created", "user_1", "member", "active", 1)),
             parse(membership_event("e1", "created", "user_1", "member", "active", 1)),
