@@ -26,6 +26,7 @@ use crate::error::AppError;
 use crate::metrics::{PositionLabel, ReasonLabel};
 use crate::reconcile::{self, Observation, Source};
 use crate::timestamp::Timestamp;
+use crate::webhook::signature::SignatureError;
 use event::{classify, parse_envelope, EventKind, PayloadError};
 use sqlx::{Connection, PgConnection};
 
@@ -124,9 +125,11 @@ fn verify(app: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<usize, App
     if app.webhook_secrets.is_empty() {
         return Err(AppError::WebhooksDisabled);
     }
-    let header = headers
-        .get(signature::HEADER)
-        .map(|v| v.to_str().unwrap_or(""));
+    let header = match headers.get(signature::HEADER).map(|v| v.to_str()) {
+        Some(Err(_)) => return Err(SignatureError::Malformed("header is not ASCII text").into()),
+        Some(Ok(text)) => Some(text),
+        None => None,
+    };
     let secrets: Vec<&[u8]> = app
         .webhook_secrets
         .iter()

@@ -84,6 +84,11 @@ both! {
             assert!(answer["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: message");
             assert_nothing_stored(&t, what).await;
         }
+        let not_text = axum::http::HeaderValue::from_bytes(format!("t={now}, v1=\u{e9}").as_bytes()).unwrap();
+        let request = Request::post("/webhooks/workos").header("WorkOS-Signature", not_text).body(Body::from(body.clone())).unwrap();
+        let (status, answer) = app.request(request).await;
+        assert_eq!((status, answer["error"].as_str()), (StatusCode::BAD_REQUEST, Some("malformed_signature")), "a header that is not ASCII text: {answer}");
+        assert_nothing_stored(&t, "non-ASCII header").await;
     }
 
     async fn signature_forms_and_rotated_secrets_are_accepted(t) {
