@@ -16,6 +16,7 @@ use crate::error::AppError;
 use crate::login::{self, LoginService};
 use crate::metrics::Metrics;
 use crate::middleware::{self, Inbound};
+use crate::server::ConnectionLimits;
 use crate::timestamp::{SharedClock, SystemClock};
 use crate::webhook;
 
@@ -29,6 +30,7 @@ pub struct AppState {
     pub batcher: Batcher,
     pub metrics: Arc<Metrics>,
     pub inbound: Inbound,
+    pub connections: ConnectionLimits,
 }
 
 impl AppState {
@@ -54,6 +56,7 @@ impl AppState {
             ),
             login: LoginService::new(config, metrics.clone()),
             inbound: Inbound::new(config),
+            connections: ConnectionLimits::new(config),
             webhook_secrets: config
                 .webhook_secret
                 .clone()

@@ -203,6 +203,15 @@ async fn serve(config: Config) -> Result<()> {
     if config.webhook_secret.is_none() {
         bail!("WORKOS_WEBHOOK_SECRET: not set; serve needs it to verify webhook deliveries");
     }
+    match server::raise_open_file_limit() {
+        Ok(limit) if limit < u64::from(config.max_connections) + 64 => tracing::warn!(
+            open_files = limit,
+            max_connections = config.max_connections,
+            "the open-file limit is below ROLESYNC_MAX_CONNECTIONS; accept may fail before the cap"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let listener = server::bind(config.listen)
         .with_context(|| format!("ROLESYNC_LISTEN: cannot bind {}", config.listen))?;
     let db = open_db(&config).await?;

@@ -85,7 +85,8 @@ impl FromStr for DatabaseUrl {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (scheme, rest) = s.split_once("://").ok_or_else(|| {
-            format!("{s:?} is not a URL (expected sqlite://PATH or postgres://...)")
+            "not a URL (expected sqlite://PATH or postgres://USER[:PASSWORD]@HOST[:PORT]/DB)"
+                .to_owned()
         })?;
         if Backend::of_url(s).is_none() {
             return Err(format!(
@@ -201,6 +202,7 @@ pub struct Config {
         env = "DATABASE_URL",
         value_name = "DATABASE_URL",
         default_value = "sqlite://rolesync.db",
+        hide_env_values = true,
         global = true
     )]
     pub database_url: DatabaseUrl,
@@ -343,6 +345,39 @@ pub struct Config {
         global = true
     )]
     pub request_timeout_secs: u64,
+
+    /// Longest a connection may take to send a request's headers (from its opening, or from the first byte after an answer) before it is closed
+    #[arg(
+        long,
+        env = "ROLESYNC_HEADER_TIMEOUT_SECS",
+        value_name = "ROLESYNC_HEADER_TIMEOUT_SECS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..=3600),
+        global = true
+    )]
+    pub header_timeout_secs: u64,
+
+    /// Longest a keep-alive connection may stay idle between requests before it is closed
+    #[arg(
+        long,
+        env = "ROLESYNC_IDLE_TIMEOUT_SECS",
+        value_name = "ROLESYNC_IDLE_TIMEOUT_SECS",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..=86_400),
+        global = true
+    )]
+    pub idle_timeout_secs: u64,
+
+    /// Open connections served at once; beyond it new connections wait in the listen queue
+    #[arg(
+        long,
+        env = "ROLESYNC_MAX_CONNECTIONS",
+        value_name = "ROLESYNC_MAX_CONNECTIONS",
+        default_value_t = 4096,
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000),
+        global = true
+    )]
+    pub max_connections: u32,
 
     /// Webhook deliveries that may wait for a commit, split between the committers' queues; a delivery whose queue is full is answered 503 `overloaded`
     #[arg(

@@ -14,7 +14,7 @@ async fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
-            let text = e.render().to_string();
+            let text = hide_database_password(e.render().to_string());
             eprintln!(
                 "{}",
                 text.lines().next().unwrap_or("error: invalid arguments")
@@ -34,6 +34,29 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A usage error quotes the value it refused: a `DATABASE_URL` (from the environment or the flag)
+/// is shown with its password hidden (a value that is not a URL, whole).
+fn hide_database_password(mut text: String) -> String {
+    let flag = std::env::args()
+        .skip_while(|a| a != "--database-url")
+        .nth(1);
+    let inline =
+        std::env::args().find_map(|a| a.strip_prefix("--database-url=").map(str::to_owned));
+    for url in [std::env::var("DATABASE_URL").ok(), flag, inline]
+        .into_iter()
+        .flatten()
+    {
+        if !url.is_empty() {
+            let shown = match url.contains("://") {
+                true => rolesync::config::redact_url(&url),
+                false => "****".to_owned(),
+            };
+            text = text.replace(&url, &shown);
+        }
+    }
+    text
 }
 
 /// The error chain on one line, leaving out causes that the message before already quotes.

@@ -311,6 +311,49 @@ fn bad_settings_stop_with_one_line_naming_the_setting() {
 }
 
 #[test]
+fn a_database_password_is_never_printed_by_help_or_a_refused_url() {
+    let cases: [(&str, &[&str], &str); 4] = [
+        (
+            "help",
+            &["serve", "--help"],
+            "postgres://app:hunter2@db/rolesync",
+        ),
+        (
+            "unknown scheme",
+            &["roles", "list"],
+            "mysql://app:hunter2@db/rolesync",
+        ),
+        ("not a URL", &["roles", "list"], "app:hunter2@db"),
+        (
+            "unreachable",
+            &["roles", "list"],
+            "postgres://app:hunter2@127.0.0.1:1/rolesync",
+        ),
+    ];
+    for (what, args, url) in cases {
+        let (_, stdout, stderr) = run(args, &[("DATABASE_URL", url)]);
+        assert!(
+            !stdout.contains("hunter2") && !stderr.contains("hunter2"),
+            "{what}: {stdout}{stderr}"
+        );
+    }
+    let (code, _, stderr) = run(
+        &[
+            "roles",
+            "list",
+            "--database-url",
+            "mysql://app:hunter2@db/x",
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "a usage error");
+    assert!(
+        !stderr.contains("hunter2") && stderr.contains("app:****@db"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn help_describes_every_setting_and_its_variable() {
     let (code, help, _) = run(&["serve", "--help"], &[]);
     assert_eq!(code, 0);
