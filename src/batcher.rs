@@ -216,6 +216,16 @@ impl Committer {
             self.link = None;
             return Err(DbError::Unavailable("the database pool is closed".into()));
         }
+        let result = self.attempt(batch).await;
+        self.db.note_write(&result);
+        result
+    }
+
+    async fn attempt(&mut self, batch: &[Incoming]) -> Result<Vec<Receipt>, DbError> {
+        if let Err(e) = self.db.check_file() {
+            self.link = None;
+            return Err(e);
+        }
         let link = match &mut self.link {
             Some(link) => link,
             None => {

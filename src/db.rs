@@ -12,6 +12,7 @@ pub mod sync_state;
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -146,6 +147,21 @@ pub struct Db {
     checkpointer: Option<Arc<sqlite_writer::Checkpointer>>,
     /// The PostgreSQL URL, for [`Db::postgres_committer`].
     postgres_url: Option<Arc<str>>,
+    /// The device and inode of the SQLite file opened at start-up: a file deleted or replaced at
+    /// the same path is not the database this process answers for.
+    sqlite_identity: Option<(u64, u64)>,
+    /// Write transactions that failed in a row (any path); reset by one that commits.
+    write_failures: Arc<AtomicU32>,
+}
+
+/// Consecutive failed writes after which `/readyz` reports not ready.
+pub const WRITE_FAILURES_NOT_READY: u32 = 3;
+
+/// The (device, inode) of a file.
+fn file_identity(file: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(file)?;
+    Ok((meta.dev(), meta.ino()))
 }
 
 /// A write transaction from [`Db::begin_write`]; on SQLite it holds the process's writer turn until
@@ -210,8 +226,20 @@ impl Db {
         };
         let options = AnyConnectOptions::from_str(&url)?;
         // One direct connection first, so that an unreachable server reports its real cause
-        // rather than a pool timeout.
+        // rather than a pool timeout. It alone may create the SQLite file: the pool's later
+        // connections open it read-write only, so a file deleted while serving is never
+        // silently recreated empty.
         AnyConnection::connect_with(&options).await?.close().await?;
+        let options = match url.contains("mode=rwc") {
+            true => AnyConnectOptions::from_str(&url.replace("mode=rwc", "mode=rw"))?,
+            false => options,
+        };
+        let sqlite_identity = match &sqlite_file {
+            Some(file) => Some(file_identity(file).map_err(|e| {
+                DbError::Unavailable(format!("cannot read {}: {e}", file.display()))
+            })?),
+            None => None,
+        };
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
             // A SQLite connection is a file handle that cannot drop; pinging it before every
@@ -243,7 +271,38 @@ impl Db {
             checkpointer,
             sqlite_file,
             postgres_url: (backend == Backend::Postgres).then(|| Arc::from(url.as_str())),
+            sqlite_identity,
+            write_failures: Arc::default(),
         })
+    }
+
+    /// `Err` when the SQLite file at the configured path is no longer the one opened at start-up
+    /// (deleted, or replaced by another file): writes to the open one would be lost with it.
+    pub fn check_file(&self) -> Result<(), DbError> {
+        let (Some(file), Some(opened)) = (&self.sqlite_file, self.sqlite_identity) else {
+            return Ok(());
+        };
+        match file_identity(file) {
+            Ok(now) if now == opened => Ok(()),
+            Ok(_) => Err(DbError::Unavailable(format!(
+                "the database file {} was replaced since start-up; restart rolesync",
+                file.display()
+            ))),
+            Err(e) => Err(DbError::Unavailable(format!(
+                "the database file {} is gone since start-up ({e}); restart rolesync",
+                file.display()
+            ))),
+        }
+    }
+
+    /// Records how a write transaction ended, for readiness.
+    pub fn note_write<T>(&self, result: &Result<T, DbError>) {
+        match result {
+            Ok(_) => self.write_failures.store(0, Ordering::Relaxed),
+            Err(_) => {
+                self.write_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// The pool, for reads.
@@ -270,6 +329,7 @@ impl Db {
     /// takes the database write lock up front (`BEGIN IMMEDIATE`) so that a read-then-write never
     /// fails to upgrade.
     pub async fn begin_write(&self) -> Result<WriteTx<'static>, DbError> {
+        self.check_file()?;
         let turn = self.writer_turn().await;
         let tx = self.pool.begin_with(self.backend.begin_write_sql()).await?;
         Ok(WriteTx {
@@ -355,8 +415,22 @@ impl Db {
         Ok(())
     }
 
-    /// Whether the database answers and every migration is applied.
+    /// Whether the database answers, is the file opened at start-up, takes writes, and has every
+    /// migration applied. After [`WRITE_FAILURES_NOT_READY`] failed writes in a row it commits a
+    /// probe write (the `readyz` row of `sync_state`): not ready while that fails too, ready again
+    /// once it (or any other write) commits.
     pub async fn check_ready(&self) -> Result<(), DbError> {
+        self.check_file()?;
+        let failures = self.write_failures.load(Ordering::Relaxed);
+        if failures >= WRITE_FAILURES_NOT_READY {
+            let probe = self.probe_write().await;
+            self.note_write(&probe);
+            probe.map_err(|e| {
+                DbError::Unavailable(format!(
+                    "{failures} writes failed in a row; a probe write too: {e}"
+                ))
+            })?;
+        }
         let mut conn = self.pool.acquire().await?;
         conn.ping().await?;
         let applied: i64 =
@@ -374,6 +448,14 @@ impl Db {
                 "{applied} of {expected} migrations applied"
             )))
         }
+    }
+
+    async fn probe_write(&self) -> Result<(), DbError> {
+        let mut tx = self.begin_write().await?;
+        sync_state::advance_unchecked(&mut *tx, "readyz", crate::timestamp::Timestamp::now())
+            .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Closes every connection.

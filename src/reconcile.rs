@@ -446,11 +446,16 @@ pub async fn reconcile_and_read(
     if let Some((stored, _)) = earlier.filter(|e| writes_nothing(e, obs, now)) {
         return Ok((Outcome::Unchanged, Some(stored.clone())));
     }
-    let mut tx = db.begin_write().await?;
-    let outcomes = reconcile_batch(&mut tx, db, &[obs], now).await?;
-    let row = db::memberships::get(&mut *tx, &obs.organization_id, &obs.user_id).await?;
-    tx.commit().await?;
-    Ok((outcomes[0], row))
+    let written = async {
+        let mut tx = db.begin_write().await?;
+        let outcomes = reconcile_batch(&mut tx, db, &[obs], now).await?;
+        let row = db::memberships::get(&mut *tx, &obs.organization_id, &obs.user_id).await?;
+        tx.commit().await?;
+        Ok((outcomes[0], row))
+    }
+    .await;
+    db.note_write(&written);
+    written
 }
 
 /// Whether the rules, run against `stored`, answer `unchanged` and write nothing. That needs the

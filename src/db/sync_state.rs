@@ -41,6 +41,24 @@ pub async fn advance<'c>(
     Ok(done.rows_affected() == 1)
 }
 
+/// Sets the `updated_at` of the row `name` (no cursor), creating it: a write that any healthy
+/// database takes, for readiness probes.
+pub async fn advance_unchecked<'c>(
+    conn: impl Executor<'c, Database = Any>,
+    name: &str,
+    now: Timestamp,
+) -> Result<(), DbError> {
+    sqlx::query(
+        "INSERT INTO sync_state (name, cursor, updated_at) VALUES ($1, NULL, $2) \
+         ON CONFLICT (name) DO UPDATE SET updated_at = excluded.updated_at",
+    )
+    .bind(name)
+    .bind(now.to_string())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Held while one process syncs. On PostgreSQL a session advisory lock on a dedicated connection;
 /// on SQLite nothing (the write lock and the cursor check already make a second syncer harmless).
 /// A lease dropped without `release` (a cancelled pass) drops its connection, which frees the lock.

@@ -96,7 +96,90 @@ async fn distinct_methods_and_paths_from_any_client_leave_the_exposition_bounded
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_file_deleted_while_serving_is_never_recreated_and_answers_503() {
+    let t = crate::support::TestDb::new(rolesync::db::Backend::Sqlite).await;
+    let app = TestApp::new(&t.db);
+    let (status, _) = app
+        .deliver(&membership_event(
+            "e1", "created", "user_1", "admin", "active", 1,
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let file = t.url.strip_prefix("sqlite://").unwrap().to_owned();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{file}{suffix}"));
+    }
+    for i in 0..3 {
+        let (status, answer) = app
+            .deliver(&membership_event(
+                &format!("e{}", i + 2),
+                "updated",
+                "user_1",
+                "member",
+                "active",
+                i + 2,
+            ))
+            .await;
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("storage_unavailable")),
+            "delivery {i}: {answer}"
+        );
+    }
+    let (status, body) = app.request(get("/readyz")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("gone since start-up"),
+        "{body}"
+    );
+    assert!(
+        !std::path::Path::new(&file).exists(),
+        "no empty database was created at the path"
+    );
+}
+
+/// Makes every insert into `table` fail (`on`) or work again, as a full disk or a lock would.
+async fn fail_inserts(db: &rolesync::db::Db, table: &str, on: bool) {
+    let statements: Vec<String> = match (db.backend(), on) {
+        (rolesync::db::Backend::Sqlite, true) => vec![format!("CREATE TRIGGER fail_{table} BEFORE INSERT ON {table} BEGIN SELECT RAISE(ABORT, 'simulated write failure'); END")],
+        (rolesync::db::Backend::Sqlite, false) => vec![format!("DROP TRIGGER fail_{table}")],
+        (rolesync::db::Backend::Postgres, true) => vec![
+            "CREATE OR REPLACE FUNCTION fail_insert() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'simulated write failure'; END $$ LANGUAGE plpgsql".into(),
+            format!("CREATE TRIGGER fail_{table} BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION fail_insert()"),
+        ],
+        (rolesync::db::Backend::Postgres, false) => vec![format!("DROP TRIGGER fail_{table} ON {table}")],
+    };
+    for sql in statements {
+        sqlx::raw_sql(&sql).execute(db.pool()).await.unwrap();
+    }
+}
+
 both! {
+    async fn readiness_follows_consecutive_write_failures_and_recovers_after_a_success(t) {
+        let app = TestApp::new(&t.db);
+        fail_inserts(&t.db, "role_audit", true).await;
+        fail_inserts(&t.db, "sync_state", true).await;
+        for i in 0..rolesync::db::WRITE_FAILURES_NOT_READY as i64 {
+            let (status, _) = app.deliver(&membership_event(&format!("e{i}"), "created", &format!("user_{i}"), "admin", "active", 1)).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "write {i} fails");
+            if i + 1 < rolesync::db::WRITE_FAILURES_NOT_READY as i64 {
+                assert_eq!(app.request(get("/readyz")).await.0, StatusCode::OK, "ready after {} failures", i + 1);
+            }
+        }
+        let (status, body) = app.request(get("/readyz")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "not ready after consecutive write failures: {body}");
+        assert!(body["reason"].as_str().unwrap().contains("writes failed in a row"), "{body}");
+        fail_inserts(&t.db, "role_audit", false).await;
+        fail_inserts(&t.db, "sync_state", false).await;
+        assert_eq!(app.request(get("/readyz")).await.0, StatusCode::OK, "ready again once a write commits");
+        let (status, _) = app.deliver(&membership_event("e9", "created", "user_9", "admin", "active", 1)).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
     async fn health_and_readiness_report_the_database(t) {
         let app = TestApp::new(&t.db);
         assert_eq!(app.request(get("/healthz")).await.0, StatusCode::OK);
