@@ -2,8 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use rolesync::cli::{self, Cli};
+use rolesync::cli;
 
 /// mimalloc instead of glibc's malloc: per-thread free lists without glibc's consolidation passes.
 #[global_allocator]
@@ -11,14 +10,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match cli::parse_from(std::env::args_os()) {
         Ok(cli) => cli,
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprint!("{}", e.render());
+            return ExitCode::from(2);
+        }
         Err(e) if e.use_stderr() => {
-            let text = e.render().to_string();
-            eprintln!(
-                "{}",
-                text.lines().next().unwrap_or("error: invalid arguments")
-            );
+            eprintln!("{}", cli::usage_line(&e));
             return ExitCode::from(2);
         }
         Err(e) => {
@@ -29,6 +28,7 @@ async fn main() -> ExitCode {
     rolesync::logging::init_tracing(cli.config.log_format);
     match cli::run(cli).await {
         Ok(code) => code,
+        Err(e) if cli::is_closed_stdout(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
