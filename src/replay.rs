@@ -54,7 +54,11 @@ pub struct Delivery {
 pub fn load(paths: &[PathBuf]) -> Result<Vec<Delivery>> {
     let mut out = Vec::new();
     for path in paths {
-        for file in json_files(path)? {
+        let files = json_files(path)?;
+        if files.is_empty() {
+            bail!("{}: no .json files", path.display());
+        }
+        for file in files {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             out.extend(deliveries_of(&file, bytes)?);

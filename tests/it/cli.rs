@@ -276,6 +276,9 @@ both! {
         assert!(row.contains(" 404 ") && !row.ends_with(" -"), "the 404 has an outcome: {row}");
         assert!(!run.stdout.contains("-=1"), "{}", run.stdout);
 
+        let empty = tempfile::tempdir().unwrap();
+        let folder = empty.path().display().to_string();
+        rolesync(&["replay", &folder], &signed).refused(1, &[&folder, "no .json files"], "an empty folder");
         rolesync(&["replay", "fixtures/workos", "--url", "notaurl"], &signed).refused(2, &["--url", "notaurl"], "--url notaurl");
         rolesync(&["replay", "fixtures/workos", "--timeout", "0s"], &signed).refused(2, &["--timeout"], "--timeout 0s");
 
