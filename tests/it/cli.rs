@@ -424,6 +424,30 @@ fn settings_out_of_range_or_blank_are_refused_with_one_line_naming_the_variable(
     );
 }
 
+/// `.env.example` says "copy to .env and export": done as it stands, every command still runs.
+#[test]
+fn the_example_environment_exported_as_it_stands_is_accepted() {
+    let example = std::fs::read_to_string(".env.example").unwrap();
+    let mut envs: Vec<(&str, &str)> = example
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .collect();
+    for arg in rolesync::cli::command().get_arguments() {
+        if let Some(variable) = arg.get_env().and_then(|v| v.to_str()) {
+            assert!(
+                example.contains(&format!("{variable}=")),
+                ".env.example lists {variable}"
+            );
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/example.db", dir.path().display());
+    envs.push(("DATABASE_URL", &url));
+    let run = rolesync(&["migrate"], &envs);
+    assert_eq!(run.code, 0, "{run:?}");
+}
+
 #[test]
 fn each_subcommand_help_shows_the_settings_it_uses() {
     let help = |args: &[&str]| {
