@@ -1,9 +1,8 @@
 //! The commands: serve, migrate, roles, audit, replay.
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
-
-use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -273,7 +272,7 @@ pub fn usage_line(error: &clap::Error) -> String {
             true => shown.chars().take(79).chain(['…']).collect(),
             false => shown,
         };
-        text = text.replacen(value.as_str(), &shown, 1);
+        text = text.replacen(&format!("'{value}'"), &format!("'{shown}'"), 1);
     }
     let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
     let mut line = lines
@@ -290,23 +289,24 @@ pub fn usage_line(error: &clap::Error) -> String {
     }
 }
 
-/// Writes to stdout. A reader that went away (`rolesync audit | head -1`) surfaces as an
-/// `io::Error` of kind `BrokenPipe`, which [`is_closed_stdout`] recognises.
+/// Stdout's reader went away (`rolesync audit | head -1`).
+#[derive(Debug, thiserror::Error)]
+#[error("stdout was closed")]
+pub struct ClosedStdout;
+
+/// Writes to stdout; a closed pipe is [`ClosedStdout`], told apart from a broken pipe elsewhere
+/// (a database connection's), which stays an error.
 pub fn emit(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())?;
-    out.flush()?;
-    Ok(())
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(ClosedStdout.into()),
+        written => Ok(written.context("cannot write to stdout")?),
+    }
 }
 
-/// Whether an error is stdout's reader having gone away: the command ends quietly, like other
-/// Unix tools, rather than report it.
+/// Whether a command stopped because stdout was closed: it ends quietly, like other Unix tools.
 pub fn is_closed_stdout(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
-    })
+    error.downcast_ref::<ClosedStdout>().is_some()
 }
 
 /// Runs one command.
@@ -655,5 +655,24 @@ mod tests {
     #[test]
     fn the_command_line_definition_is_consistent() {
         super::command().debug_assert();
+    }
+
+    #[test]
+    fn replay_outcome_takes_every_outcome_an_inbox_row_can_hold() {
+        use crate::reconcile::Outcome;
+        let outcomes = [
+            Outcome::Applied,
+            Outcome::Unchanged,
+            Outcome::Stale,
+            Outcome::UnknownRole,
+            Outcome::Removed,
+        ];
+        let stored = outcomes
+            .map(Outcome::as_str)
+            .into_iter()
+            .chain([crate::webhook::IGNORED, crate::webhook::INVALID]);
+        for outcome in stored {
+            assert!(super::STORED_OUTCOMES.contains(&outcome), "{outcome}");
+        }
     }
 }
