@@ -240,7 +240,9 @@ both! {
     }
 
     async fn empty_or_blank_ids_are_refused_by_every_command(t) {
-        let env = [("DATABASE_URL", t.url.as_str()), ("WORKOS_API_KEY", "sk_test"), ("WORKOS_API_BASE_URL", "http://127.0.0.1:9")];
+        // Refused before any request: nothing listens at the API address.
+        let api = format!("http://127.0.0.1:{}", free_port());
+        let env = [("DATABASE_URL", t.url.as_str()), ("WORKOS_API_KEY", "sk_test"), ("WORKOS_API_BASE_URL", &api)];
         let cases: [(&[&str], &str); 9] = [
             (&["audit", "--org", ""], "--org"),
             (&["audit", "--user", " "], "--user"),
@@ -325,7 +327,10 @@ async fn commands_other_than_serve_and_migrate_refuse_a_missing_or_unmigrated_da
         let api: [(&str, String); 3] = [
             ("DATABASE_URL", url.to_owned()),
             ("WORKOS_API_KEY", "sk_test".into()),
-            ("WORKOS_API_BASE_URL", "http://127.0.0.1:9".into()),
+            (
+                "WORKOS_API_BASE_URL",
+                format!("http://127.0.0.1:{}", free_port()),
+            ),
         ];
         api
     };
@@ -493,6 +498,6 @@ fn each_subcommand_help_shows_the_settings_it_uses() {
             assert!(!text.contains(h), "{args:?} hides {h}");
         }
     }
-    let run = rolesync(&["roles", "list", "--listen", "127.0.0.1:1"], &[]);
+    let run = rolesync(&["roles", "list", "--listen", "127.0.0.1:0"], &[]);
     assert_ne!(run.code, 2, "a hidden setting is still accepted: {run:?}");
 }
