@@ -223,6 +223,7 @@ fn no_answer(e: reqwest::Error, label: &str, url: &str, timeout: Duration) -> an
             causes.join(": ")
         }
     };
+    let url = crate::config::redact_url(url);
     anyhow::anyhow!("cannot deliver {label} to {url}: {cause}")
 }
 
@@ -294,4 +295,36 @@ async fn reapply(db: &Db, page: &[StoredEvent], now: Timestamp) -> Result<Vec<Re
             after: o.as_str().to_owned(),
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_url_reaches_an_unspecified_listen_address_through_loopback() {
+        let cases = [
+            ("127.0.0.1:8080", "http://127.0.0.1:8080/webhooks/workos"),
+            ("0.0.0.0:9000", "http://127.0.0.1:9000/webhooks/workos"),
+            ("[::]:9000", "http://[::1]:9000/webhooks/workos"),
+            ("10.1.2.3:80", "http://10.1.2.3:80/webhooks/workos"),
+        ];
+        for (listen, url) in cases {
+            assert_eq!(url_for(listen.parse().unwrap()), url, "{listen}");
+        }
+    }
+
+    #[test]
+    fn only_http_urls_with_a_host_are_taken() {
+        assert!(parse_url("https://example.com/hook").is_ok());
+        for bad in [
+            "notaurl",
+            "ftp://example.com/",
+            "http://",
+            "file:///tmp/x",
+            "",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad:?}");
+        }
+    }
 }
