@@ -1,19 +1,19 @@
 //! The commands: serve, migrate, roles, audit, replay.
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
-
-use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
-
-use crate::app::AppState;
-
-use crate::config::Config;
-use crate::db::{self, Db};
 use std::time::Duration;
 
+use anyhow::{bail, Context, Result};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use crate::app::AppState;
 use crate::config::parse_duration;
+use crate::config::Config;
 use crate::db::inbox::StoredFilter;
+use crate::db::schema;
+use crate::db::{self, Db};
 use crate::metrics::Metrics;
 use crate::reconcile::{Outcome, Source};
 use crate::resync;
@@ -48,22 +48,22 @@ pub enum Command {
     /// Print the role audit trail, newest first
     Audit {
         /// Only this organization
-        #[arg(long)]
+        #[arg(long, value_parser = parse_id)]
         org: Option<String>,
         /// Only this user
-        #[arg(long)]
+        #[arg(long, value_parser = parse_id)]
         user: Option<String>,
         /// At most this many rows
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, allow_negative_numbers = true, value_parser = clap::value_parser!(i64).range(1..))]
         limit: i64,
     },
     /// Fetch one membership from the WorkOS API and reconcile it now (source `cli`)
     Reconcile {
         /// WorkOS user id (user_...)
-        #[arg(long)]
+        #[arg(long, value_parser = parse_id)]
         user: String,
         /// WorkOS organization id (org_...)
-        #[arg(long)]
+        #[arg(long, value_parser = parse_id)]
         org: String,
     },
     /// Sign fixture or scenario files with the first webhook secret and POST them to a running rolesync
@@ -71,9 +71,12 @@ pub enum Command {
         /// Files or folders of WorkOS event bodies or scenario files
         #[arg(required_unless_present = "stored", conflicts_with = "stored")]
         paths: Vec<std::path::PathBuf>,
-        /// Webhook endpoint to deliver to
-        #[arg(long, default_value = replay::DEFAULT_URL)]
-        url: String,
+        /// Webhook endpoint to deliver to [default: /webhooks/workos at ROLESYNC_LISTEN]
+        #[arg(long, value_parser = replay::parse_url, conflicts_with = "stored")]
+        url: Option<String>,
+        /// How long to wait for each answer (e.g. 10s, 2m)
+        #[arg(long, default_value = "10s", value_parser = parse_timeout, conflicts_with = "stored")]
+        timeout: Duration,
         /// Instead of files: re-run events stored in the inbox through the reconcile (source `replay`)
         #[arg(long)]
         stored: bool,
@@ -81,10 +84,10 @@ pub enum Command {
         #[arg(long, requires = "stored", value_parser = parse_time)]
         since: Option<Timestamp>,
         /// With --stored: only this event
-        #[arg(long, requires = "stored")]
+        #[arg(long, requires = "stored", value_parser = parse_id)]
         event_id: Option<String>,
-        /// With --stored: only events whose stored outcome is this (e.g. unknown_role)
-        #[arg(long, requires = "stored")]
+        /// With --stored: only events whose stored outcome is this
+        #[arg(long, requires = "stored", value_parser = STORED_OUTCOMES)]
         outcome: Option<String>,
     },
     /// One catch-up pass over the WorkOS Events API, then exit
@@ -92,25 +95,86 @@ pub enum Command {
     /// Reconcile every membership of an organization against the WorkOS API (source `resync`)
     Resync {
         /// WorkOS organization id (org_...)
-        #[arg(long)]
+        #[arg(long, value_parser = parse_id)]
         org: String,
         /// Print the differences and write nothing
         #[arg(long)]
         dry_run: bool,
     },
     /// Drop stored webhook payloads (and optionally event ids) older than a duration; audit rows are never pruned
+    #[command(group(clap::ArgGroup::new("what").required(true).multiple(true)))]
     Prune {
         /// Drop payloads of deliveries received longer ago than this (e.g. 30d)
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = parse_duration, group = "what")]
         payloads_older_than: Option<Duration>,
         /// Also delete event ids received longer ago than this; at least 3d, so that a late retry is still a duplicate
-        #[arg(long, value_parser = parse_retention)]
+        #[arg(long, value_parser = parse_retention, group = "what")]
         ids_older_than: Option<Duration>,
     },
 }
 
+/// The outcomes an inbox row can hold.
+const STORED_OUTCOMES: [&str; 7] = [
+    "applied",
+    "unchanged",
+    "stale",
+    "unknown_role",
+    "removed",
+    "ignored",
+    "invalid",
+];
+
+/// The longest id rolesync stores (the webhook caps event ids at the same length).
+const MAX_ID_CHARS: usize = 255;
+
 fn parse_time(text: &str) -> Result<Timestamp, String> {
     Timestamp::parse(text).map_err(|e| e.to_string())
+}
+
+/// A WorkOS id (`org_...`, `user_...`, `event_...`): not empty, no whitespace or control
+/// characters, at most 255 characters.
+fn parse_id(text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("an id holds no spaces or control characters".into());
+    }
+    if text.chars().count() > MAX_ID_CHARS {
+        return Err(format!("longer than {MAX_ID_CHARS} characters"));
+    }
+    Ok(text.to_owned())
+}
+
+/// A role slug as WorkOS can name one: its documentation allows lowercase letters, digits, `-` and
+/// `_` (organization roles start with `org-`), at most 48 characters. Accepted here: 1 to 255
+/// printable ASCII characters other than a comma (255, like every id rolesync stores, so that any
+/// slug a webhook can carry can be added); refused: blanks, whitespace, commas, control and
+/// non-ASCII characters.
+pub fn parse_slug(text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        return Err("a role slug must not be empty".into());
+    }
+    if let Some(c) = text.chars().find(|c| !c.is_ascii_graphic() || *c == ',') {
+        let what = match c {
+            ',' => "a comma".to_owned(),
+            c if c.is_whitespace() => "whitespace".to_owned(),
+            c if c.is_control() => "a control character".to_owned(),
+            c => format!("{c:?} (a slug is ASCII letters, digits, '-' and '_')"),
+        };
+        return Err(format!("a role slug must not contain {what}"));
+    }
+    if text.len() > MAX_ID_CHARS {
+        return Err(format!("a role slug is at most {MAX_ID_CHARS} characters"));
+    }
+    Ok(text.to_owned())
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        d if d.is_zero() => Err("must be at least 1s".into()),
+        d => Ok(d),
+    }
 }
 
 /// WorkOS retries a delivery for up to 3 days: ids younger than that must stay.
@@ -127,16 +191,122 @@ fn parse_retention(text: &str) -> Result<Duration, String> {
 pub enum RolesAction {
     /// Print every known role slug
     List,
-    /// Add role slugs
+    /// Add role slugs; nothing is added when any slug is refused
     Add {
-        #[arg(required = true)]
+        /// Role slugs as WorkOS names them (e.g. admin, org-billing-admin)
+        #[arg(required = true, value_parser = parse_slug)]
         slugs: Vec<String>,
     },
-    /// Remove role slugs (stored memberships keep their role)
+    /// Remove role slugs (stored memberships keep their role); nothing is removed when any slug is refused
     Remove {
-        #[arg(required = true)]
+        /// Role slugs as WorkOS names them (e.g. admin, org-billing-admin)
+        #[arg(required = true, value_parser = parse_slug)]
         slugs: Vec<String>,
     },
+}
+
+/// The settings a command uses besides the log format; `None`: all of them (`serve`). The others
+/// stay accepted but are left out of the command's `--help`.
+fn settings_used(command: &str) -> Option<Vec<&'static str>> {
+    let workos = ["api_key", "api_base_url"];
+    let mut used = vec!["log_format", "database_url", "db_max_connections"];
+    match command {
+        "migrate" | "roles" | "audit" | "prune" => {}
+        "reconcile" => used.extend(workos.iter().chain(&["login_budget_ms"])),
+        "sync" => used.extend(workos.iter().chain(&["sync_lookback"])),
+        "resync" => used.extend(workos),
+        "replay" => used.extend(["webhook_secret", "listen"]),
+        _ => return None,
+    }
+    Some(used)
+}
+
+/// The command line: [`Cli`] with each subcommand's `--help` limited to the settings it uses.
+pub fn command() -> clap::Command {
+    let cli = Cli::command();
+    let globals: Vec<clap::Arg> = cli
+        .get_arguments()
+        .filter(|a| a.is_global_set())
+        .cloned()
+        .collect();
+    let names: Vec<String> = cli
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    names.iter().fold(cli, |cli, name| {
+        let Some(used) = settings_used(name) else {
+            return cli;
+        };
+        // A subcommand that has an argument of a global's id does not get the global copied in.
+        let unused = globals
+            .iter()
+            .filter(|a| !used.contains(&a.get_id().as_str()));
+        cli.mut_subcommand(name, |sub| {
+            unused.fold(sub, |sub, a| sub.arg(a.clone().hide(true)))
+        })
+    })
+}
+
+/// Parses a command line through [`command`].
+pub fn parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let mut command = command();
+    let matches = command.try_get_matches_from_mut(args)?;
+    Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut command))
+}
+
+/// The longest usage error line printed.
+const MAX_USAGE_LINE: usize = 300;
+
+/// A usage error on one line: the first line of clap's message, with the offending value shown
+/// escaped and cut (a slug with a newline or of 100 KB stays one readable line).
+pub fn usage_line(error: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let mut text = error.render().to_string();
+    if let Some(ContextValue::String(value)) = error.get(ContextKind::InvalidValue) {
+        let shown: String = value.escape_debug().collect();
+        let shown: String = match shown.chars().count() > 80 {
+            true => shown.chars().take(79).chain(['…']).collect(),
+            false => shown,
+        };
+        text = text.replacen(&format!("'{value}'"), &format!("'{shown}'"), 1);
+    }
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let mut line = lines
+        .next()
+        .unwrap_or("error: invalid arguments")
+        .to_owned();
+    // "the following required arguments were not provided:" names them on the next line.
+    if let Some(next) = lines.next().filter(|_| line.ends_with(':')) {
+        line = format!("{line} {next}");
+    }
+    match line.chars().count() > MAX_USAGE_LINE {
+        true => line.chars().take(MAX_USAGE_LINE - 1).chain(['…']).collect(),
+        false => line,
+    }
+}
+
+/// Stdout's reader went away (`rolesync audit | head -1`).
+#[derive(Debug, thiserror::Error)]
+#[error("stdout was closed")]
+pub struct ClosedStdout;
+
+/// Writes to stdout; a closed pipe is [`ClosedStdout`], told apart from a broken pipe elsewhere
+/// (a database connection's), which stays an error.
+pub fn emit(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(ClosedStdout.into()),
+        written => Ok(written.context("cannot write to stdout")?),
+    }
+}
+
+/// Whether a command stopped because stdout was closed: it ends quietly, like other Unix tools.
+pub fn is_closed_stdout(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<ClosedStdout>().is_some()
 }
 
 /// Runs one command.
@@ -155,48 +325,95 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 event_id,
                 outcome,
             };
-            replay_stored(&open_db(&config).await?, &filter).await?
+            replay_stored(&open_migrated(&config).await?, &filter).await?
         }
-        Command::Replay { paths, url, .. } => return replay::run(&config, &paths, &url).await,
+        Command::Replay {
+            paths,
+            url,
+            timeout,
+            ..
+        } => {
+            let url = url.unwrap_or_else(|| replay::url_for(config.listen));
+            return replay::run(&config, &paths, &url, timeout).await;
+        }
         Command::Sync => sync_once(&config).await?,
         Command::Resync { org, dry_run } => resync(&config, &org, dry_run).await?,
         Command::Prune {
             payloads_older_than,
             ids_older_than,
-        } => {
-            prune(
-                &open_db(&config).await?,
-                payloads_older_than,
-                ids_older_than,
-            )
-            .await?
-        }
+        } => prune(&config, payloads_older_than, ids_older_than).await?,
         Command::Serve => serve(config).await?,
-        Command::Migrate => {
-            open_db(&config).await?;
-            println!("migrations applied");
-        }
-        Command::Roles { action } => roles(&open_db(&config).await?, action).await?,
+        Command::Migrate => migrate(&config).await?,
+        Command::Roles { action } => roles(&open_migrated(&config).await?, action).await?,
         Command::Reconcile { user, org } => return reconcile_now(config, &user, &org).await,
         Command::Audit { org, user, limit } => {
-            let db = open_db(&config).await?;
+            let db = open_migrated(&config).await?;
             let rows = db::audit::list(db.pool(), org.as_deref(), user.as_deref(), limit).await?;
-            print!("{}", audit_table(&rows));
+            emit(&audit_table(&rows))?;
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Connects and migrates; errors name `DATABASE_URL`.
-pub async fn open_db(config: &Config) -> Result<Db> {
+/// Connects (a SQLite file is created if missing); errors name `DATABASE_URL`.
+async fn connect(config: &Config) -> Result<Db> {
     let url = &config.database_url;
-    let db = Db::connect(&url.0, config.db_max_connections)
+    if let Some(path) = schema::sqlite_path(&url.0).context("DATABASE_URL")? {
+        schema::check_sqlite_file(&path).map_err(|e| anyhow::anyhow!("DATABASE_URL: {e}"))?;
+    }
+    Db::connect(&url.0, config.db_max_connections)
         .await
-        .with_context(|| format!("DATABASE_URL: cannot connect to {url}"))?;
-    db.migrate()
+        .with_context(|| format!("DATABASE_URL: cannot connect to {url}"))
+}
+
+/// Connects and applies pending migrations (`serve`, `migrate`); returns how many were applied.
+pub async fn open_db(config: &Config) -> Result<(Db, usize)> {
+    let db = connect(config).await?;
+    let url = &config.database_url;
+    let applied = db
+        .apply_migrations()
         .await
         .with_context(|| format!("DATABASE_URL: cannot migrate {url}"))?;
+    Ok((db, applied))
+}
+
+/// Connects to a database that `rolesync migrate` has brought up to date, changing nothing: a
+/// missing SQLite file or a database with pending migrations is refused.
+pub async fn open_migrated(config: &Config) -> Result<Db> {
+    let url = &config.database_url;
+    let path = schema::sqlite_path(&url.0).context("DATABASE_URL")?;
+    if let Some(path) = path.filter(|p| !p.exists()) {
+        bail!(
+            "DATABASE_URL: {} does not exist; run `rolesync migrate` to create it",
+            path.display()
+        );
+    }
+    let db = connect(config).await?;
+    let state = db
+        .migration_state()
+        .await
+        .with_context(|| format!("DATABASE_URL: cannot read the migrations of {url}"))?;
+    if !state.is_current() {
+        db.close().await;
+        bail!(
+            "DATABASE_URL: {url} has {} of {} migrations applied; run `rolesync migrate`",
+            state.applied,
+            state.known
+        );
+    }
     Ok(db)
+}
+
+async fn migrate(config: &Config) -> Result<()> {
+    let (db, applied) = open_db(config).await?;
+    db.close().await;
+    match applied {
+        0 => emit(&format!("{}: up to date\n", config.database_url)),
+        n => emit(&format!(
+            "{}: {n} migrations applied\n",
+            config.database_url
+        )),
+    }
 }
 
 async fn serve(config: Config) -> Result<()> {
@@ -214,7 +431,7 @@ async fn serve(config: Config) -> Result<()> {
     }
     let listener = server::bind(config.listen)
         .with_context(|| format!("ROLESYNC_LISTEN: cannot bind {}", config.listen))?;
-    let db = open_db(&config).await?;
+    let (db, _) = open_db(&config).await?;
     let state = Arc::new(AppState::new(&config, db.clone()));
     if !state.login.enabled() {
         tracing::warn!("ROLESYNC_LOGIN_TOKEN is not set: /v1/reconcile answers 503 login_disabled");
@@ -239,10 +456,10 @@ async fn reconcile_now(config: Config, user: &str, org: &str) -> Result<ExitCode
     if config.api_key.is_none() {
         bail!("WORKOS_API_KEY: not set; reconcile fetches the membership from WorkOS");
     }
-    let state = AppState::new(&config, open_db(&config).await?);
+    let state = AppState::new(&config, open_migrated(&config).await?);
     let answer = login::refresh(&state, user, org, Source::Cli).await;
     let answer = answer?;
-    println!("{}", serde_json::to_string_pretty(&answer)?);
+    emit(&(serde_json::to_string_pretty(&answer)? + "\n"))?;
     Ok(match answer.workos_error {
         Some(_) => ExitCode::FAILURE,
         None => ExitCode::SUCCESS,
@@ -278,9 +495,10 @@ fn syncer(config: &Config, state: &AppState) -> Option<(Syncer, Duration)> {
 
 async fn sync_once(config: &Config) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
+    let workos = workos_client(config, metrics.clone())?;
     let syncer = Syncer {
-        db: open_db(config).await?,
-        workos: workos_client(config, metrics.clone())?,
+        db: open_migrated(config).await?,
+        workos,
         clock: Arc::new(SystemClock),
         metrics,
         lookback: config.sync_lookback,
@@ -292,20 +510,19 @@ async fn sync_once(config: &Config) -> Result<()> {
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     match report.skipped {
-        true => println!("another process is syncing; nothing done"),
-        false => println!(
-            "{} pages, {} events: {}",
+        true => emit("another process is syncing; nothing done\n"),
+        false => emit(&format!(
+            "{} pages, {} events: {}\n",
             report.pages,
             report.events,
             outcomes.join(" ")
-        ),
+        )),
     }
-    Ok(())
 }
 
 async fn resync(config: &Config, org: &str, dry_run: bool) -> Result<()> {
-    let db = open_db(config).await?;
     let workos = workos_client(config, Arc::new(Metrics::new()))?;
+    let db = open_migrated(config).await?;
     let changes = resync::resync(&db, &workos, org, dry_run, Timestamp::now()).await?;
     let show = |v: Option<&str>| v.unwrap_or("-").to_owned();
     let rows: Vec<Vec<String>> = changes
@@ -330,29 +547,25 @@ async fn resync(config: &Config, org: &str, dry_run: bool) -> Result<()> {
             ]
         })
         .collect();
-    print!(
-        "{}",
-        table::render(
-            &[
-                "USER",
-                "STORED ROLE / STATUS",
-                "WORKOS ROLE / STATUS",
-                "OUTCOME"
-            ],
-            &rows
-        )
-    );
+    emit(&table::render(
+        &[
+            "USER",
+            "STORED ROLE / STATUS",
+            "WORKOS ROLE / STATUS",
+            "OUTCOME",
+        ],
+        &rows,
+    ))?;
     let verb = if dry_run {
         "would change (dry run, nothing written)"
     } else {
         "reconciled"
     };
-    println!(
-        "{} memberships in WorkOS or stored; {} {verb}",
+    emit(&format!(
+        "{} memberships in WorkOS or stored; {} {verb}\n",
         changes.len(),
         rows.len()
-    );
-    Ok(())
+    ))
 }
 
 async fn replay_stored(db: &Db, filter: &StoredFilter) -> Result<()> {
@@ -361,51 +574,50 @@ async fn replay_stored(db: &Db, filter: &StoredFilter) -> Result<()> {
         .iter()
         .map(|r| vec![r.event_id.clone(), r.before.clone(), r.after.clone()])
         .collect();
-    print!("{}", table::render(&["EVENT", "BEFORE", "AFTER"], &rows));
-    println!("{} stored events re-applied", rows.len());
+    emit(&table::render(&["EVENT", "BEFORE", "AFTER"], &rows))?;
+    emit(&format!("{} stored events re-applied\n", rows.len()))
+}
+
+async fn prune(config: &Config, payloads: Option<Duration>, ids: Option<Duration>) -> Result<()> {
+    let db = open_migrated(config).await?;
+    if let Some(d) = payloads {
+        let dropped = db::inbox::prune_payloads(db.pool(), cutoff(d)?).await?;
+        emit(&format!("{dropped} payloads dropped\n"))?;
+    }
+    if let Some(d) = ids {
+        let deleted = db::inbox::prune_ids(db.pool(), cutoff(d)?).await?;
+        emit(&format!("{deleted} event ids deleted\n"))?;
+    }
     Ok(())
 }
 
-async fn prune(db: &Db, payloads: Option<Duration>, ids: Option<Duration>) -> Result<()> {
-    if payloads.is_none() && ids.is_none() {
-        bail!("nothing to prune: give --payloads-older-than and/or --ids-older-than");
-    }
-    let cutoff = |d: Duration| {
-        Timestamp::from_millis(Timestamp::now().millis() - d.as_millis() as i64)
-            .unwrap_or(Timestamp::now())
-    };
-    if let Some(d) = payloads {
-        println!(
-            "{} payloads dropped",
-            db::inbox::prune_payloads(db.pool(), cutoff(d)).await?
-        );
-    }
-    if let Some(d) = ids {
-        println!(
-            "{} event ids deleted",
-            db::inbox::prune_ids(db.pool(), cutoff(d)).await?
-        );
-    }
-    Ok(())
+/// Now minus `age`; durations are capped at parse time, so that this is a time after year 0.
+fn cutoff(age: Duration) -> Result<Timestamp> {
+    i64::try_from(age.as_millis())
+        .ok()
+        .and_then(|ms| Timestamp::now().millis().checked_sub(ms))
+        .and_then(Timestamp::from_millis)
+        .with_context(|| format!("{age:?} ago is before year 0"))
 }
 
 async fn roles(db: &Db, action: RolesAction) -> Result<()> {
     match action {
         RolesAction::List => {
-            for slug in db::roles::list(db.pool()).await? {
-                println!("{slug}");
-            }
+            let slugs = db::roles::list(db.pool()).await?;
+            emit(&slugs.iter().map(|s| format!("{s}\n")).collect::<String>())?;
         }
         RolesAction::Add { slugs } => {
             for slug in slugs {
                 let added = db::roles::add(db.pool(), &slug, Timestamp::now()).await?;
-                println!("{slug}: {}", if added { "added" } else { "already known" });
+                let done = if added { "added" } else { "already known" };
+                emit(&format!("{slug}: {done}\n"))?;
             }
         }
         RolesAction::Remove { slugs } => {
             for slug in slugs {
                 let removed = db::roles::remove(db.pool(), &slug).await?;
-                println!("{slug}: {}", if removed { "removed" } else { "not known" });
+                let done = if removed { "removed" } else { "not known" };
+                emit(&format!("{slug}: {done}\n"))?;
             }
         }
     }
@@ -451,7 +663,25 @@ pub fn audit_table(rows: &[db::audit::AuditRow]) -> String {
 mod tests {
     #[test]
     fn the_command_line_definition_is_consistent() {
-        use clap::CommandFactory;
-        super::Cli::command().debug_assert();
+        super::command().debug_assert();
+    }
+
+    #[test]
+    fn replay_outcome_takes_every_outcome_an_inbox_row_can_hold() {
+        use crate::reconcile::Outcome;
+        let outcomes = [
+            Outcome::Applied,
+            Outcome::Unchanged,
+            Outcome::Stale,
+            Outcome::UnknownRole,
+            Outcome::Removed,
+        ];
+        let stored = outcomes
+            .map(Outcome::as_str)
+            .into_iter()
+            .chain([crate::webhook::IGNORED, crate::webhook::INVALID]);
+        for outcome in stored {
+            assert!(super::STORED_OUTCOMES.contains(&outcome), "{outcome}");
+        }
     }
 }

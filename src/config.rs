@@ -152,21 +152,29 @@ impl FromStr for BaseUrl {
     }
 }
 
-/// A duration written as a number and a unit: `30d`, `12h`, `90m`, `45s`.
+/// The longest duration a setting or flag takes: 100 years, so that `now` minus it is a time.
+pub const MAX_DURATION: Duration = Duration::from_secs(36_500 * 86_400);
+
+/// A duration written as a number and a unit: `30d`, `12h`, `90m`, `45s`; at most 36500d. A bare
+/// number is refused: `45` could mean seconds or days.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 30d, 12h, 90m or 45s"))?;
+    let shape = || format!("{text:?} is not a duration like 30d, 12h, 90m or 45s");
+    let n: u64 = match number.parse() {
+        Ok(n) => n,
+        Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => u64::MAX,
+        Err(_) => return Err(shape()),
+    };
     let seconds = match unit {
         "d" => 86_400,
         "h" => 3_600,
         "m" => 60,
-        "s" | "" => 1,
+        "s" => 1,
+        "" => return Err(format!("{text:?} has no unit (use d, h, m or s, e.g. 30d)")),
         _ => {
             return Err(format!(
                 "{text:?}: unknown unit {unit:?} (use d, h, m or s)"
@@ -175,7 +183,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     };
     n.checked_mul(seconds)
         .map(Duration::from_secs)
-        .ok_or_else(|| format!("{text:?} is too long"))
+        .filter(|d| *d <= MAX_DURATION)
+        .ok_or_else(|| format!("{text:?} is too long (at most 36500d)"))
+}
+
+/// A secret from the command line or the environment; blank is refused, surrounding spaces dropped.
+fn parse_secret(text: &str) -> Result<Secret, String> {
+    text.parse()
 }
 
 fn parse_lookback(text: &str) -> Result<Duration, String> {
@@ -243,6 +257,7 @@ pub struct Config {
         env = "WORKOS_API_KEY",
         value_name = "WORKOS_API_KEY",
         hide_env_values = true,
+        value_parser = parse_secret,
         global = true
     )]
     pub api_key: Option<Secret>,
@@ -263,6 +278,7 @@ pub struct Config {
         env = "ROLESYNC_LOGIN_TOKEN",
         value_name = "ROLESYNC_LOGIN_TOKEN",
         hide_env_values = true,
+        value_parser = parse_secret,
         global = true
     )]
     pub login_token: Option<Secret>,
@@ -273,6 +289,7 @@ pub struct Config {
         env = "ROLESYNC_LOGIN_BUDGET_MS",
         value_name = "ROLESYNC_LOGIN_BUDGET_MS",
         default_value_t = 1500,
+        value_parser = clap::value_parser!(u64).range(..=600_000),
         global = true
     )]
     pub login_budget_ms: u64,
@@ -283,6 +300,7 @@ pub struct Config {
         env = "ROLESYNC_LOGIN_REFRESH_SECS",
         value_name = "ROLESYNC_LOGIN_REFRESH_SECS",
         default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(..=86_400),
         global = true
     )]
     pub login_refresh_secs: u64,
@@ -342,6 +360,7 @@ pub struct Config {
         env = "ROLESYNC_REQUEST_TIMEOUT_SECS",
         value_name = "ROLESYNC_REQUEST_TIMEOUT_SECS",
         default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(..=86_400),
         global = true
     )]
     pub request_timeout_secs: u64,
@@ -396,6 +415,7 @@ pub struct Config {
         env = "ROLESYNC_SHUTDOWN_GRACE_SECS",
         value_name = "ROLESYNC_SHUTDOWN_GRACE_SECS",
         default_value_t = 20,
+        value_parser = clap::value_parser!(u64).range(..=86_400),
         global = true
     )]
     pub shutdown_grace_secs: u64,
@@ -406,6 +426,7 @@ pub struct Config {
         env = "ROLESYNC_SYNC_INTERVAL_SECS",
         value_name = "ROLESYNC_SYNC_INTERVAL_SECS",
         default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(..=86_400),
         global = true
     )]
     pub sync_interval_secs: u64,
@@ -420,6 +441,7 @@ pub struct Config {
         env = "ROLESYNC_DB_MAX_CONNECTIONS",
         value_name = "ROLESYNC_DB_MAX_CONNECTIONS",
         default_value_t = 8,
+        value_parser = clap::value_parser!(u32).range(1..),
         global = true
     )]
     pub db_max_connections: u32,
@@ -522,8 +544,21 @@ mod tests {
         assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
         assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(43_200)));
         assert_eq!(parse_duration("90m"), Ok(Duration::from_secs(5_400)));
-        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
-        for bad in ["", "d", "3w", "-1d", "1.5h"] {
+        assert_eq!(parse_duration("45s"), Ok(Duration::from_secs(45)));
+        assert_eq!(parse_duration("36500d"), Ok(MAX_DURATION));
+        for bad in [
+            "",
+            "d",
+            "3w",
+            "-1d",
+            "1.5h",
+            "45",
+            "0",
+            "36501d",
+            "800000d",
+            "18446744073709551s",
+            "99999999999999999999999d",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
         assert!(parse_lookback("31d").is_err() && parse_lookback("30d").is_ok());

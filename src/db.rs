@@ -6,6 +6,7 @@ pub mod inbox;
 pub mod memberships;
 pub mod pg_writer;
 pub mod roles;
+pub mod schema;
 pub mod sqlite_writer;
 pub mod store;
 pub mod sync_state;

@@ -2,8 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use rolesync::cli::{self, Cli};
+use rolesync::cli;
 
 /// mimalloc instead of glibc's malloc: per-thread free lists without glibc's consolidation passes.
 #[global_allocator]
@@ -11,14 +10,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match cli::parse_from(std::env::args_os()) {
         Ok(cli) => cli,
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprint!("{}", e.render());
+            return ExitCode::from(2);
+        }
         Err(e) if e.use_stderr() => {
-            let text = hide_database_password(e.render().to_string());
-            eprintln!(
-                "{}",
-                text.lines().next().unwrap_or("error: invalid arguments")
-            );
+            eprintln!("{}", hide_database_password(&e, cli::usage_line(&e)));
             return ExitCode::from(2);
         }
         Err(e) => {
@@ -29,6 +28,7 @@ async fn main() -> ExitCode {
     rolesync::logging::init_tracing(cli.config.log_format);
     match cli::run(cli).await {
         Ok(code) => code,
+        Err(e) if cli::is_closed_stdout(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
@@ -36,27 +36,26 @@ async fn main() -> ExitCode {
     }
 }
 
-/// A usage error quotes the value it refused: a `DATABASE_URL` (from the environment or the flag)
-/// is shown with its password hidden (a value that is not a URL, whole).
-fn hide_database_password(mut text: String) -> String {
-    let flag = std::env::args()
-        .skip_while(|a| a != "--database-url")
-        .nth(1);
-    let inline =
-        std::env::args().find_map(|a| a.strip_prefix("--database-url=").map(str::to_owned));
-    for url in [std::env::var("DATABASE_URL").ok(), flag, inline]
-        .into_iter()
-        .flatten()
-    {
-        if !url.is_empty() {
-            let shown = match url.contains("://") {
-                true => rolesync::config::redact_url(&url),
-                false => "****".to_owned(),
-            };
-            text = text.replace(&url, &shown);
-        }
+/// A usage error quotes the value it refused: a refused `DATABASE_URL` (from the environment or
+/// the flag) is shown with its password hidden (a value that is not a URL, whole).
+fn hide_database_password(error: &clap::Error, line: String) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let about_url = matches!(error.get(ContextKind::InvalidArg),
+        Some(ContextValue::String(arg)) if arg.starts_with("--database-url"));
+    let Some(ContextValue::String(url)) = error.get(ContextKind::InvalidValue) else {
+        return line;
+    };
+    if !about_url || url.is_empty() {
+        return line;
     }
-    text
+    let shown = match url.contains("://") {
+        true => rolesync::config::redact_url(url),
+        false => "****".to_owned(),
+    };
+    match line.split_once("' for '--database-url") {
+        Some((_, rest)) => format!("error: invalid value '{shown}' for '--database-url{rest}"),
+        None => line.replace(url.as_str(), &shown),
+    }
 }
 
 /// The error chain on one line, leaving out causes that the message before already quotes.

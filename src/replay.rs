@@ -1,12 +1,15 @@
 //! `rolesync replay`: sign fixture and scenario files with the first webhook secret and POST them.
 
 use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use crate::cli::emit;
 use crate::config::Config;
 use crate::db::inbox::{StoredEvent, StoredFilter};
 use crate::db::{self, Db};
@@ -17,8 +20,27 @@ use crate::webhook::event::EventKind;
 use crate::webhook::signature;
 use crate::webhook::Incoming;
 
-/// Where `replay` delivers unless told otherwise.
-pub const DEFAULT_URL: &str = "http://127.0.0.1:8080/webhooks/workos";
+/// Where `replay` delivers unless told otherwise: the webhook endpoint of a `serve` listening on
+/// `listen` (an unspecified address such as `0.0.0.0` is reached through loopback).
+pub fn url_for(listen: SocketAddr) -> String {
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    format!("http://{addr}/webhooks/workos")
+}
+
+/// An `http(s)://` URL with a host, for `--url`.
+pub fn parse_url(text: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(text).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err("not an http:// or https:// URL".into());
+    }
+    Ok(url.into())
+}
 
 /// One body to deliver and where it came from.
 #[derive(Debug, Clone)]
@@ -32,7 +54,11 @@ pub struct Delivery {
 pub fn load(paths: &[PathBuf]) -> Result<Vec<Delivery>> {
     let mut out = Vec::new();
     for path in paths {
-        for file in json_files(path)? {
+        let files = json_files(path)?;
+        if files.is_empty() {
+            bail!("{}: no .json files", path.display());
+        }
+        for file in files {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             out.extend(deliveries_of(&file, bytes)?);
@@ -90,33 +116,56 @@ pub fn sign_now(body: &[u8], secret: &str) -> String {
     signature::sign(body, secret.as_bytes(), Timestamp::now().millis())
 }
 
-/// Delivers every file and prints a table; fails when any delivery was not answered 2xx.
-pub async fn run(config: &Config, paths: &[PathBuf], url: &str) -> Result<ExitCode> {
+/// Delivers every file and prints a table; fails when any delivery was not answered 2xx. A
+/// delivery that gets no answer (nothing listening, no answer within `timeout`) ends the run with
+/// an error naming the URL and the cause, after the table of what was answered before.
+pub async fn run(
+    config: &Config,
+    paths: &[PathBuf],
+    url: &str,
+    timeout: Duration,
+) -> Result<ExitCode> {
     let Some(secret) = config.webhook_secret.as_ref().and_then(|s| s.0.first()) else {
         bail!("WORKOS_WEBHOOK_SECRET: not set; replay signs with the first secret");
     };
     let deliveries = load(paths)?;
-    let client = reqwest::Client::new();
+    let client = reqwest::Client::builder()
+        .timeout(timeout)
+        .build()
+        .context("cannot set up the HTTP client")?;
     let mut rows = Vec::new();
     let mut totals: BTreeMap<String, usize> = BTreeMap::new();
     let mut failed = 0;
+    let mut unanswered = None;
     for d in &deliveries {
-        let (status, outcome, ok) = send(&client, url, secret.expose(), &d.body).await;
-        failed += usize::from(!ok);
-        *totals.entry(outcome.clone()).or_default() += 1;
-        rows.push(vec![d.label.clone(), event_id(&d.body), status, outcome]);
+        let answer = match send(&client, url, secret.expose(), &d.body).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                unanswered = Some(no_answer(e, &d.label, url, timeout));
+                break;
+            }
+        };
+        failed += usize::from(!answer.ok);
+        *totals.entry(answer.outcome.clone()).or_default() += 1;
+        let status = answer.status.to_string();
+        rows.push(vec![
+            d.label.clone(),
+            event_id(&d.body),
+            status,
+            answer.outcome,
+        ]);
     }
-    print!(
-        "{}",
-        table::render(&["FILE", "EVENT", "HTTP", "OUTCOME"], &rows)
-    );
+    emit(&table::render(&["FILE", "EVENT", "HTTP", "OUTCOME"], &rows))?;
+    if let Some(error) = unanswered {
+        return Err(error);
+    }
     let summary: Vec<String> = totals.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    println!(
-        "{} deliveries, {} failed: {}",
+    emit(&format!(
+        "{} deliveries, {} failed: {}\n",
         deliveries.len(),
         failed,
         summary.join(" ")
-    );
+    ))?;
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
@@ -124,35 +173,58 @@ pub async fn run(config: &Config, paths: &[PathBuf], url: &str) -> Result<ExitCo
     })
 }
 
+/// An HTTP answer to one delivery.
+struct Answer {
+    status: u16,
+    /// The `outcome` or `error` of a JSON answer, else `http_<status>`.
+    outcome: String,
+    ok: bool,
+}
+
 async fn send(
     client: &reqwest::Client,
     url: &str,
     secret: &str,
     body: &[u8],
-) -> (String, String, bool) {
+) -> reqwest::Result<Answer> {
     let response = client
         .post(url)
         .header("content-type", "application/json")
         .header("WorkOS-Signature", sign_now(body, secret))
         .body(body.to_vec())
         .send()
-        .await;
-    match response {
-        Ok(r) => {
-            let status = r.status();
-            let json: Value = r.json().await.unwrap_or(Value::Null);
-            let outcome = json
-                .get("outcome")
-                .or_else(|| json.get("error"))
-                .and_then(Value::as_str);
-            (
-                status.as_u16().to_string(),
-                outcome.unwrap_or("-").to_owned(),
-                status.is_success(),
-            )
+        .await?;
+    let status = response.status();
+    let json: Value = response.json().await.unwrap_or(Value::Null);
+    let outcome = json
+        .get("outcome")
+        .or_else(|| json.get("error"))
+        .and_then(Value::as_str)
+        .map_or_else(|| format!("http_{}", status.as_u16()), str::to_owned);
+    Ok(Answer {
+        status: status.as_u16(),
+        outcome,
+        ok: status.is_success(),
+    })
+}
+
+/// The error for a delivery that got no answer: the URL and the cause, on one line.
+fn no_answer(e: reqwest::Error, label: &str, url: &str, timeout: Duration) -> anyhow::Error {
+    let cause = match e.is_timeout() {
+        true => format!("no answer within {}s (--timeout)", timeout.as_secs()),
+        false => {
+            let mut causes = Vec::new();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                causes.push(s.to_string());
+                source = s.source();
+            }
+            causes.insert(0, e.without_url().to_string());
+            causes.join(": ")
         }
-        Err(e) => ("-".into(), format!("error: {}", e.without_url()), false),
-    }
+    };
+    let url = crate::config::redact_url(url);
+    anyhow::anyhow!("cannot deliver {label} to {url}: {cause}")
 }
 
 fn event_id(body: &[u8]) -> String {
@@ -223,4 +295,36 @@ async fn reapply(db: &Db, page: &[StoredEvent], now: Timestamp) -> Result<Vec<Re
             after: o.as_str().to_owned(),
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_url_reaches_an_unspecified_listen_address_through_loopback() {
+        let cases = [
+            ("127.0.0.1:8080", "http://127.0.0.1:8080/webhooks/workos"),
+            ("0.0.0.0:9000", "http://127.0.0.1:9000/webhooks/workos"),
+            ("[::]:9000", "http://[::1]:9000/webhooks/workos"),
+            ("10.1.2.3:80", "http://10.1.2.3:80/webhooks/workos"),
+        ];
+        for (listen, url) in cases {
+            assert_eq!(url_for(listen.parse().unwrap()), url, "{listen}");
+        }
+    }
+
+    #[test]
+    fn only_http_urls_with_a_host_are_taken() {
+        assert!(parse_url("https://example.com/hook").is_ok());
+        for bad in [
+            "notaurl",
+            "ftp://example.com/",
+            "http://",
+            "file:///tmp/x",
+            "",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad:?}");
+        }
+    }
 }

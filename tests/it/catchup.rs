@@ -484,6 +484,13 @@ async fn two_concurrent_sync_passes_on_sqlite_apply_each_event_once() {
 fn prune_refuses_to_delete_event_ids_younger_than_three_days() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("rolesync.db").display());
+    let migrated = Command::new(env!("CARGO_BIN_EXE_rolesync"))
+        .arg("migrate")
+        .env_clear()
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(migrated.status.success());
     let prune = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_rolesync"))
             .arg("prune")

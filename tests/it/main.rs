@@ -4,6 +4,7 @@
 pub mod support;
 
 mod catchup;
+mod cli;
 mod connections;
 mod fake_workos;
 mod login;

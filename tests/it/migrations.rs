@@ -30,6 +30,19 @@ both! {
         assert_eq!(roles, ["admin", "member"], "seeded roles, once");
         t.db.check_ready().await.expect("ready after migrations");
     }
+
+    async fn an_up_to_date_database_is_only_read_and_a_changed_migration_is_named(t) {
+        let state = t.db.migration_state().await.unwrap();
+        assert!(state.is_current() && state.applied == state.known && state.known >= 2, "{state:?}");
+        assert_eq!(t.db.apply_migrations().await.unwrap(), 0, "nothing pending");
+        let changed = match t.db.backend() {
+            Backend::Sqlite => "UPDATE _sqlx_migrations SET checksum = X'00' WHERE version = 1",
+            Backend::Postgres => "UPDATE _sqlx_migrations SET checksum = '\\x00' WHERE version = 1",
+        };
+        sqlx::query(changed).execute(t.db.pool()).await.unwrap();
+        let error = t.db.migration_state().await.unwrap_err().to_string();
+        assert!(error.contains("migration 1 was changed"), "{error}");
+    }
 }
 
 #[tokio::test]

@@ -237,6 +237,8 @@ type SettingCase<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
 fn bad_settings_stop_with_one_line_naming_the_setting() {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = format!("sqlite://{}/x.db", dir.path().display());
+    // Nothing listens there: the port was free a moment ago.
+    let unreachable = format!("postgres://postgres@127.0.0.1:{}/x", free_port());
     let cases: Vec<SettingCase> = vec![
         (
             "serve without a webhook secret",
@@ -262,7 +264,7 @@ fn bad_settings_stop_with_one_line_naming_the_setting() {
         (
             "unreachable database",
             vec![
-                ("DATABASE_URL", "postgres://postgres@127.0.0.1:1/x"),
+                ("DATABASE_URL", &unreachable),
                 ("WORKOS_WEBHOOK_SECRET", "s"),
             ],
             "DATABASE_URL",
@@ -295,7 +297,11 @@ fn bad_settings_stop_with_one_line_naming_the_setting() {
             "WORKOS_API_BASE_URL",
         ),
     ];
-    for (what, envs, setting) in cases {
+    for (what, mut envs, setting) in cases {
+        // Port 0: a test never depends on a fixed port being free (8080 may run the quick start).
+        if setting != "ROLESYNC_LISTEN" {
+            envs.push(("ROLESYNC_LISTEN", "127.0.0.1:0"));
+        }
         let (code, _, stderr) = run(&["serve"], &envs);
         assert_ne!(code, 0, "{what}: must fail");
         assert_eq!(
@@ -370,7 +376,16 @@ fn help_describes_every_setting_and_its_variable() {
             "--help names {variable}"
         );
     }
-    for sub in ["migrate", "roles", "audit", "replay", "reconcile"] {
+    for sub in [
+        "migrate",
+        "roles",
+        "audit",
+        "replay",
+        "reconcile",
+        "sync",
+        "resync",
+        "prune",
+    ] {
         let (code, text, _) = run(&[sub, "--help"], &[]);
         assert!(code == 0 && text.contains("DATABASE_URL"), "{sub} --help");
     }
@@ -381,8 +396,14 @@ fn migrate_twice_and_manage_roles_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/cli.db", dir.path().display());
     let envs = [("DATABASE_URL", url.as_str())];
-    assert_eq!(run(&["migrate"], &envs).0, 0);
-    assert_eq!(run(&["migrate"], &envs).0, 0, "a second migrate is a no-op");
+    let (code, first, _) = run(&["migrate"], &envs);
+    assert_eq!((code, first), (0, format!("{url}: 3 migrations applied\n")));
+    let (code, second, _) = run(&["migrate"], &envs);
+    assert_eq!(
+        (code, second),
+        (0, format!("{url}: up to date\n")),
+        "a second migrate is a no-op"
+    );
     let (code, out, _) = run(&["roles", "add", "creator", "admin"], &envs);
     assert_eq!(
         (code, out.as_str()),
