@@ -1,6 +1,5 @@
 //! The commands: serve, migrate, roles, audit, replay.
 
-use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,13 +7,14 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use crate::app::AppState;
 use crate::config::parse_duration;
 use crate::config::Config;
 use crate::db::inbox::StoredFilter;
 use crate::db::schema;
 use crate::db::{self, Db};
+use crate::http::AppState;
 use crate::metrics::Metrics;
+use crate::output::emit;
 use crate::reconcile::{Outcome, Source};
 use crate::resync;
 use crate::sync::Syncer;
@@ -289,26 +289,6 @@ pub fn usage_line(error: &clap::Error) -> String {
     }
 }
 
-/// Stdout's reader went away (`rolesync audit | head -1`).
-#[derive(Debug, thiserror::Error)]
-#[error("stdout was closed")]
-pub struct ClosedStdout;
-
-/// Writes to stdout; a closed pipe is [`ClosedStdout`], told apart from a broken pipe elsewhere
-/// (a database connection's), which stays an error.
-pub fn emit(text: &str) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(ClosedStdout.into()),
-        written => Ok(written.context("cannot write to stdout")?),
-    }
-}
-
-/// Whether a command stopped because stdout was closed: it ends quietly, like other Unix tools.
-pub fn is_closed_stdout(error: &anyhow::Error) -> bool {
-    error.downcast_ref::<ClosedStdout>().is_some()
-}
-
 /// Runs one command.
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     let config = cli.config;
@@ -456,8 +436,10 @@ async fn reconcile_now(config: Config, user: &str, org: &str) -> Result<ExitCode
     if config.api_key.is_none() {
         bail!("WORKOS_API_KEY: not set; reconcile fetches the membership from WorkOS");
     }
-    let state = AppState::new(&config, open_migrated(&config).await?);
-    let answer = login::refresh(&state, user, org, Source::Cli).await;
+    let db = open_migrated(&config).await?;
+    let metrics = Arc::new(Metrics::new());
+    let service = login::LoginService::new(&config, db, Arc::new(SystemClock), metrics);
+    let answer = login::refresh(&service, user, org, Source::Cli).await;
     let answer = answer?;
     emit(&(serde_json::to_string_pretty(&answer)? + "\n"))?;
     Ok(match answer.workos_error {
@@ -679,7 +661,7 @@ mod tests {
         let stored = outcomes
             .map(Outcome::as_str)
             .into_iter()
-            .chain([crate::webhook::IGNORED, crate::webhook::INVALID]);
+            .chain([crate::ingest::IGNORED, crate::ingest::INVALID]);
         for outcome in stored {
             assert!(super::STORED_OUTCOMES.contains(&outcome), "{outcome}");
         }

@@ -1,5 +1,5 @@
-//! The login path: `POST /v1/reconcile` heals a membership from the WorkOS API through the reconcile,
-//! never failing a login because of WorkOS; `GET /v1/memberships/{org}/{user}` reads the stored row.
+//! The login path: heals one membership from the WorkOS API through the reconcile, never failing a
+//! login because of WorkOS; concurrent logins of a membership share one fetch.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -7,26 +7,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap};
-use axum::Json;
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::Serialize;
-use serde_json::Value;
 use subtle::ConstantTimeEq;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-use crate::app::AppState;
 use crate::config::{Config, Secret};
-use crate::db;
-use crate::error::AppError;
-use crate::metrics::{LoginLabels, Metrics};
-use crate::reconcile::{
-    check_id, inferred_deletion, reconcile_and_read, Membership, Observation, Outcome, Source,
-};
-use crate::timestamp::Timestamp;
+use crate::db::{self, Db};
+use crate::domain::{Membership, Observation, Outcome, Source};
+use crate::metrics::Metrics;
+use crate::reconcile::{inferred_deletion, reconcile_and_read};
+use crate::timestamp::{SharedClock, Timestamp};
 use crate::workos::{WorkosClient, WorkosError};
 
 type Key = (String, String);
@@ -67,20 +59,11 @@ pub enum LoginError {
     StorageUnavailable(String),
 }
 
-impl From<LoginError> for AppError {
-    fn from(e: LoginError) -> Self {
-        match e {
-            LoginError::WorkosUnavailable(reason) => AppError::WorkosUnavailable(reason),
-            LoginError::StorageUnavailable(reason) => {
-                AppError::StorageUnavailable(db::DbError::Unavailable(reason))
-            }
-        }
-    }
-}
-
 /// The login machinery: WorkOS client, budget, limiters and in-flight fetches.
 pub struct LoginService {
     pub workos: WorkosClient,
+    db: Db,
+    clock: SharedClock,
     token: Option<Secret>,
     budget: Duration,
     per_membership: Option<DefaultKeyedRateLimiter<Key>>,
@@ -93,7 +76,7 @@ pub struct LoginService {
 
 impl LoginService {
     /// From settings.
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Self {
+    pub fn new(config: &Config, db: Db, clock: SharedClock, metrics: Arc<Metrics>) -> Self {
         let per_membership = Duration::from_secs(config.login_refresh_secs)
             .gt(&Duration::ZERO)
             .then(|| Quota::with_period(Duration::from_secs(config.login_refresh_secs)))
@@ -107,6 +90,8 @@ impl LoginService {
                 config.api_key.clone(),
                 metrics.clone(),
             ),
+            db,
+            clock,
             token: config.login_token.clone(),
             budget: Duration::from_millis(config.login_budget_ms),
             per_membership,
@@ -123,17 +108,13 @@ impl LoginService {
         self.token.is_some()
     }
 
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), AppError> {
-        let expected = self.token.as_ref().ok_or(AppError::LoginDisabled)?;
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(bearer_token)
-            .unwrap_or("");
-        match bool::from(presented.as_bytes().ct_eq(expected.expose().as_bytes())) {
-            true => Ok(()),
-            false => Err(AppError::Unauthorized),
-        }
+    /// Whether `presented` is the configured token, compared in constant time; `None` when no
+    /// token is configured (the login endpoints are off).
+    pub fn token_matches(&self, presented: &str) -> Option<bool> {
+        let expected = self.token.as_ref()?;
+        Some(bool::from(
+            presented.as_bytes().ct_eq(expected.expose().as_bytes()),
+        ))
     }
 
     /// Logs why WorkOS gave a login no answer. A configuration error (a key of another
@@ -175,96 +156,14 @@ impl LoginService {
     }
 }
 
-/// The credentials of `Bearer <token>`; the scheme is case-insensitive (RFC 9110, section 11.1).
-fn bearer_token(value: &str) -> Option<&str> {
-    let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim_start_matches(' '))
-}
-
-/// `POST /v1/reconcile`.
-pub async fn reconcile_login(
-    State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<LoginAnswer>, AppError> {
-    let result = handle(&app, &headers, &body).await;
-    let (outcome, source) = match &result {
-        Ok(a) => (a.outcome.map_or("none", Outcome::as_str), a.source),
-        Err(e) => (e.status_and_code().1, "none"),
-    };
-    let labels = LoginLabels {
-        outcome: outcome.to_owned(),
-        source: source.to_owned(),
-    };
-    app.metrics.login_answers.get_or_create(&labels).inc();
-    tracing::Span::current().record("outcome", outcome);
-    result
-}
-
-async fn handle(
-    app: &AppState,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<Json<LoginAnswer>, AppError> {
-    app.login.authorize(headers)?;
-    let (user_id, organization_id) = parse_request(body)?;
-    let span = tracing::Span::current();
-    span.record("user_id", user_id.as_str());
-    span.record("organization_id", organization_id.as_str());
-    let answer = login(app, &user_id, &organization_id).await?;
-    tracing::info!(
-        user_id = %answer.user_id,
-        organization_id = %answer.organization_id,
-        outcome = answer.outcome.map(Outcome::as_str).unwrap_or("-"),
-        source = answer.source,
-        workos_error = answer.workos_error.as_deref().unwrap_or("-"),
-        "login reconciled"
-    );
-    Ok(Json(answer))
-}
-
-/// `GET /v1/memberships/{organization_id}/{user_id}`.
-pub async fn get_membership(
-    State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path((organization_id, user_id)): Path<(String, String)>,
-) -> Result<Json<Membership>, AppError> {
-    app.login.authorize(&headers)?;
-    // An id rolesync could never have stored (a NUL, which PostgreSQL refuses in text) is absent.
-    if check_id(&organization_id).is_err() || check_id(&user_id).is_err() {
-        return Err(AppError::NotFound);
-    }
-    db::memberships::get(app.db.pool(), &organization_id, &user_id)
-        .await?
-        .map(Json)
-        .ok_or(AppError::NotFound)
-}
-
-fn parse_request(body: &[u8]) -> Result<(String, String), AppError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|_| AppError::InvalidRequest("body must be a JSON object".into()))?;
-    let field = |name: &str| {
-        let text = value
-            .get(name)
-            .and_then(Value::as_str)
-            .ok_or_else(|| AppError::InvalidRequest(format!("`{name}` must be a string")))?;
-        check_id(text)
-            .map(|()| text.to_owned())
-            .map_err(|why| AppError::InvalidRequest(format!("`{name}` {why}")))
-    };
-    Ok((field("user_id")?, field("organization_id")?))
-}
-
 /// One login: joins a fetch already in flight for the membership, or starts one.
 pub async fn login(
-    app: &AppState,
+    svc: &LoginService,
     user_id: &str,
     organization_id: &str,
 ) -> Result<LoginAnswer, LoginError> {
     let key: Key = (organization_id.to_owned(), user_id.to_owned());
-    let flight = inflight(&app.login.inflight)
+    let flight = inflight(&svc.inflight)
         .entry(key.clone())
         .or_default()
         .clone();
@@ -272,22 +171,22 @@ pub async fn login(
     let (answer, fetched) = flight
         .get_or_init(|| async {
             led = true;
-            match app.login.admit(&key) {
-                Ok(()) => fetch_and_apply(app, user_id, organization_id, Source::Login).await,
-                Err(reason) => unfetched(app, user_id, organization_id, reason).await,
+            match svc.admit(&key) {
+                Ok(()) => fetch_and_apply(svc, user_id, organization_id, Source::Login).await,
+                Err(reason) => unfetched(svc, user_id, organization_id, reason).await,
             }
         })
         .await
         .clone();
     {
-        let mut flights = inflight(&app.login.inflight);
+        let mut flights = inflight(&svc.inflight);
         if flights.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
             flights.remove(&key);
         }
     }
     match led {
         true => answer,
-        false => joined(app, user_id, organization_id, fetched).await,
+        false => joined(svc, user_id, organization_id, fetched).await,
     }
 }
 
@@ -302,20 +201,20 @@ fn inflight(map: &Mutex<HashMap<Key, Flight>>) -> std::sync::MutexGuard<'_, Hash
 /// The fetch's own answer rests on a row read when that fetch began, which a webhook may have
 /// replaced before this login arrived.
 async fn joined(
-    app: &AppState,
+    svc: &LoginService,
     user_id: &str,
     organization_id: &str,
     fetched: Fetched,
 ) -> Result<LoginAnswer, LoginError> {
     match fetched {
         Fetched::Observed(obs) => {
-            let stored = db::memberships::get_with_role(app.db.pool(), organization_id, user_id)
+            let stored = db::memberships::get_with_role(svc.db.pool(), organization_id, user_id)
                 .await
                 .ok()
                 .flatten();
-            apply(app, &obs, stored.as_ref()).await
+            apply(svc, &obs, stored.as_ref()).await
         }
-        Fetched::Unfetched(reason) => from_database(app, user_id, organization_id, reason).await,
+        Fetched::Unfetched(reason) => from_database(svc, user_id, organization_id, reason).await,
     }
 }
 
@@ -323,27 +222,27 @@ async fn joined(
 /// database without writing. The stored row is read while WorkOS answers, so a login that changes
 /// nothing needs no database work after the fetch.
 pub async fn refresh(
-    app: &AppState,
+    svc: &LoginService,
     user_id: &str,
     organization_id: &str,
     source: Source,
 ) -> Result<LoginAnswer, LoginError> {
-    fetch_and_apply(app, user_id, organization_id, source)
+    fetch_and_apply(svc, user_id, organization_id, source)
         .await
         .0
 }
 
 /// [`refresh`], and what the fetch gave.
 async fn fetch_and_apply(
-    app: &AppState,
+    svc: &LoginService,
     user_id: &str,
     organization_id: &str,
     source: Source,
 ) -> (Result<LoginAnswer, LoginError>, Fetched) {
-    let deadline = Instant::now() + app.login.budget;
+    let deadline = Instant::now() + svc.budget;
     let (fetched, stored) = tokio::join!(
-        find(&app.login.workos, user_id, organization_id, deadline),
-        db::memberships::get_with_role(app.db.pool(), organization_id, user_id),
+        find(&svc.workos, user_id, organization_id, deadline),
+        db::memberships::get_with_role(svc.db.pool(), organization_id, user_id),
     );
     // A failed read only costs the shortcut: the write path reads again.
     let stored = stored.ok().flatten();
@@ -354,17 +253,17 @@ async fn fetch_and_apply(
             found,
             stored.as_ref().map(|(m, _)| m),
             source,
-            app.clock.now(),
+            svc.clock.now(),
         )
     });
     match observation {
         Ok(obs) => (
-            apply(app, &obs, stored.as_ref()).await,
+            apply(svc, &obs, stored.as_ref()).await,
             Fetched::Observed(obs),
         ),
         Err(e) => {
-            app.login.report(&e, user_id, organization_id);
-            unfetched(app, user_id, organization_id, Some(e.reason())).await
+            svc.report(&e, user_id, organization_id);
+            unfetched(svc, user_id, organization_id, Some(e.reason())).await
         }
     }
 }
@@ -407,22 +306,22 @@ fn observe(
 
 /// The answer from the database when WorkOS gave none, with the reason for the logins that joined.
 async fn unfetched(
-    app: &AppState,
+    svc: &LoginService,
     user_id: &str,
     organization_id: &str,
     reason: Option<String>,
 ) -> (Result<LoginAnswer, LoginError>, Fetched) {
-    let answer = from_database(app, user_id, organization_id, reason.clone()).await;
+    let answer = from_database(svc, user_id, organization_id, reason.clone()).await;
     (answer, Fetched::Unfetched(reason))
 }
 
 async fn apply(
-    app: &AppState,
+    svc: &LoginService,
     obs: &Observation,
     stored: Option<&(Membership, bool)>,
 ) -> Result<LoginAnswer, LoginError> {
     let storage = |e: db::DbError| LoginError::StorageUnavailable(e.to_string());
-    let (outcome, row) = reconcile_and_read(&app.db, obs, app.clock.now(), stored)
+    let (outcome, row) = reconcile_and_read(&svc.db, obs, svc.clock.now(), stored)
         .await
         .map_err(storage)?;
     let mut answer = answer_of(&obs.user_id, &obs.organization_id, row.as_ref(), "workos");
@@ -431,12 +330,12 @@ async fn apply(
 }
 
 async fn from_database(
-    app: &AppState,
+    svc: &LoginService,
     user_id: &str,
     organization_id: &str,
     workos_error: Option<String>,
 ) -> Result<LoginAnswer, LoginError> {
-    let row = db::memberships::get(app.db.pool(), organization_id, user_id)
+    let row = db::memberships::get(svc.db.pool(), organization_id, user_id)
         .await
         .map_err(|e| LoginError::StorageUnavailable(e.to_string()))?;
     match row {

@@ -28,7 +28,7 @@ async fn main() -> ExitCode {
     rolesync::logging::init_tracing(cli.config.log_format);
     match cli::run(cli).await {
         Ok(code) => code,
-        Err(e) if cli::is_closed_stdout(&e) => ExitCode::SUCCESS,
+        Err(e) if rolesync::output::is_closed_stdout(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE

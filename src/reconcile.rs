@@ -1,6 +1,5 @@
 //! The one idempotent reconcile: pure rules over (stored row, observation), and the transaction that applies them.
 
-use serde::Serialize;
 use sqlx::AnyConnection;
 
 use std::collections::{BTreeMap, HashMap};
@@ -9,124 +8,10 @@ use crate::db::store::{BatchStore, Snapshot, SqlxStore, Writes};
 use crate::db::{self, Db, DbError, Key};
 use crate::timestamp::Timestamp;
 
-/// Which path observed the membership.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Source {
-    Webhook,
-    Login,
-    Events,
-    Resync,
-    Replay,
-    Cli,
-}
-
-impl Source {
-    /// The word stored in `role_audit.source`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Webhook => "webhook",
-            Self::Login => "login",
-            Self::Events => "events",
-            Self::Resync => "resync",
-            Self::Replay => "replay",
-            Self::Cli => "cli",
-        }
-    }
-}
-
-/// What a reconcile decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    Applied,
-    Unchanged,
-    Stale,
-    UnknownRole,
-    Removed,
-}
-
-impl Outcome {
-    /// The word used in answers and in `role_audit.outcome`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Applied => "applied",
-            Self::Unchanged => "unchanged",
-            Self::Stale => "stale",
-            Self::UnknownRole => "unknown_role",
-            Self::Removed => "removed",
-        }
-    }
-}
-
-/// Longest id or role slug rolesync stores; WorkOS ids are about 32 characters and slugs shorter.
-pub const MAX_ID_LEN: usize = 255;
-
-/// Why an id or slug is refused: empty, longer than [`MAX_ID_LEN`] bytes, or holding a control
-/// character (a NUL, which PostgreSQL cannot store in text, among them).
-pub fn check_id(value: &str) -> Result<(), String> {
-    if value.is_empty() || value.len() > MAX_ID_LEN {
-        return Err(format!("must be 1 to {MAX_ID_LEN} characters"));
-    }
-    if value.chars().any(char::is_control) {
-        return Err("must not contain control characters".into());
-    }
-    Ok(())
-}
-
-/// Status of a membership that WorkOS deleted.
-pub const DELETED: &str = "deleted";
-/// The status under which the web app lets a role through.
-pub const ACTIVE: &str = "active";
-
-/// What WorkOS holds for one membership, as seen by one path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Observation {
-    pub organization_id: String,
-    pub user_id: String,
-    pub membership_id: String,
-    /// The primary role slug WorkOS reported; `None` when it reported none.
-    pub role_slug: Option<String>,
-    pub status: String,
-    pub deleted: bool,
-    /// A deletion inferred from WorkOS no longer listing the membership ([`inferred_deletion`]),
-    /// not one WorkOS reported.
-    pub inferred: bool,
-    /// WorkOS `updated_at` of this state.
-    pub version: Timestamp,
-    pub source: Source,
-    pub event_id: Option<String>,
-}
-
-/// How far past "now" a version may lie. A version far in the future (`9999-12-31`) would make
-/// every later change of the membership `stale`, freezing it for ever.
-pub const MAX_VERSION_AHEAD_MS: i64 = 24 * 60 * 60 * 1000;
-
-impl Observation {
-    /// Why rolesync refuses to store this observation: an id or slug it cannot store or that no
-    /// WorkOS object has (see [`check_id`]), or a version more than [`MAX_VERSION_AHEAD_MS`] past `now`.
-    pub fn check(&self, now: Timestamp) -> Result<(), String> {
-        let fields = [
-            ("organization_id", Some(&self.organization_id)),
-            ("user_id", Some(&self.user_id)),
-            ("id", Some(&self.membership_id)),
-            ("role.slug", self.role_slug.as_ref()),
-            ("status", Some(&self.status)),
-        ];
-        for (name, value) in fields {
-            if let Some(value) = value {
-                check_id(value).map_err(|why| format!("field `{name}` {why}"))?;
-            }
-        }
-        if self.version.millis() > now.millis().saturating_add(MAX_VERSION_AHEAD_MS) {
-            return Err(format!(
-                "field `updated_at` {} is more than a day ahead of now ({now})",
-                self.version
-            ));
-        }
-        Ok(())
-    }
-}
+pub use crate::domain::{
+    check_id, AuditEntry, HistoryMark, Membership, Observation, Outcome, Source, ACTIVE, DELETED,
+    MAX_ID_LEN, MAX_VERSION_AHEAD_MS,
+};
 
 /// The deletion a path infers when WorkOS no longer lists a membership (a login that finds none, a
 /// resync). Absence carries no version, and an answer from the wrong WorkOS environment looks the
@@ -164,56 +49,12 @@ fn below_live(stored: Option<&Membership>, obs: &Observation) -> Option<Timestam
         .flatten()
 }
 
-/// A `memberships` row.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
-pub struct Membership {
-    pub organization_id: String,
-    pub user_id: String,
-    pub membership_id: String,
-    pub role_slug: Option<String>,
-    pub workos_role_slug: Option<String>,
-    pub status: String,
-    #[sqlx(try_from = "String")]
-    pub version: Timestamp,
-    #[sqlx(try_from = "String")]
-    pub updated_at: Timestamp,
-}
-
-/// A `role_audit` row to append.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditEntry {
-    pub recorded_at: Timestamp,
-    pub organization_id: String,
-    pub user_id: String,
-    pub membership_id: String,
-    pub source: Source,
-    pub event_id: Option<String>,
-    pub workos_role_slug: Option<String>,
-    pub old_role: Option<String>,
-    pub new_role: Option<String>,
-    pub old_status: Option<String>,
-    pub new_status: Option<String>,
-    pub outcome: Outcome,
-    pub detail: String,
-    /// The observation's version.
-    pub version: Timestamp,
-}
-
 /// The result of the rules: the outcome, the row to write (if any) and the audit row (if any).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub outcome: Outcome,
     pub write: Option<Membership>,
     pub audit: Option<AuditEntry>,
-}
-
-/// What the audit trail says a membership was as of a version: the latest row at or before it
-/// (stale rows count only at exactly that version).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HistoryMark {
-    pub version: Timestamp,
-    pub workos_role_slug: Option<String>,
-    pub new_status: Option<String>,
 }
 
 /// Whether the stored row is newer than the observation (rule 1). At the same version a stored

@@ -9,16 +9,16 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::cli::emit;
 use crate::config::Config;
 use crate::db::inbox::{StoredEvent, StoredFilter};
 use crate::db::{self, Db};
+use crate::ingest::event::EventKind;
+use crate::ingest::Incoming;
+use crate::output::emit;
 use crate::reconcile::{reconcile_batch, Observation, Source};
+use crate::signature;
 use crate::table;
 use crate::timestamp::Timestamp;
-use crate::webhook::event::EventKind;
-use crate::webhook::signature;
-use crate::webhook::Incoming;
 
 /// Where `replay` delivers unless told otherwise: the webhook endpoint of a `serve` listening on
 /// `listen` (an unspecified address such as `0.0.0.0` is reached through loopback).

@@ -21,8 +21,8 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use crate::app::{build_router, AppState};
-use crate::config::Config;
+use crate::http::state::ConnectionLimits;
+use crate::http::{build_router, AppState};
 
 /// Connections the kernel may hold for `accept` (it caps this at `net.core.somaxconn`). With
 /// tokio's 1,024, a stall of some tens of milliseconds under 12,500 deliveries/s, during which the
@@ -41,26 +41,6 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
-}
-
-/// What one connection may cost: how long it may take to send a request's headers, how long it may
-/// sit idle between requests, and how many connections are served at once.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnectionLimits {
-    pub header_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub max_connections: usize,
-}
-
-impl ConnectionLimits {
-    /// From settings.
-    pub fn new(config: &Config) -> Self {
-        Self {
-            header_timeout: Duration::from_secs(config.header_timeout_secs),
-            idle_timeout: Duration::from_secs(config.idle_timeout_secs),
-            max_connections: config.max_connections as usize,
-        }
-    }
 }
 
 /// Raises this process's open-file limit to its hard limit, so that the connection cap, not the

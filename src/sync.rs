@@ -9,10 +9,10 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use crate::db::{self, Db, DbError};
+use crate::domain::Source;
+use crate::ingest::{deliver_batch_in, Incoming};
 use crate::metrics::{Metrics, PathOutcomeLabels};
-use crate::reconcile::Source;
 use crate::timestamp::{SharedClock, Timestamp};
-use crate::webhook::{deliver_batch_in, Incoming};
 use crate::workos::{ApiList, WorkosClient, WorkosError};
 
 /// The event types the catch-up follows.

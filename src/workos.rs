@@ -12,8 +12,8 @@ use tokio::time::Instant;
 use std::sync::Arc;
 
 use crate::config::Secret;
+use crate::domain::{Observation, Source};
 use crate::metrics::Metrics;
-use crate::reconcile::{Observation, Source};
 use crate::timestamp::Timestamp;
 
 /// Statuses to ask for: without them WorkOS lists only active memberships.

@@ -6,7 +6,7 @@ use sqlx::{Any, Executor, Row};
 use std::collections::HashMap;
 
 use super::{Backend, DbError};
-use crate::reconcile::{AuditEntry, HistoryMark};
+use crate::domain::{AuditEntry, HistoryMark};
 use crate::timestamp::Timestamp;
 
 /// A stored audit row, as read back.

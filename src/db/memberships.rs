@@ -5,7 +5,38 @@ use sqlx::{Any, Executor};
 use std::collections::HashMap;
 
 use super::{Backend, DbError, Key};
-use crate::reconcile::Membership;
+use crate::domain::Membership;
+use crate::timestamp::Timestamp;
+
+/// A `memberships` row as sqlx decodes it; [`Membership`] (the domain's) knows no driver.
+#[derive(sqlx::FromRow)]
+pub(super) struct Row {
+    organization_id: String,
+    user_id: String,
+    membership_id: String,
+    role_slug: Option<String>,
+    workos_role_slug: Option<String>,
+    status: String,
+    #[sqlx(try_from = "String")]
+    version: Timestamp,
+    #[sqlx(try_from = "String")]
+    updated_at: Timestamp,
+}
+
+impl From<Row> for Membership {
+    fn from(r: Row) -> Self {
+        Self {
+            organization_id: r.organization_id,
+            user_id: r.user_id,
+            membership_id: r.membership_id,
+            role_slug: r.role_slug,
+            workos_role_slug: r.workos_role_slug,
+            status: r.status,
+            version: r.version,
+            updated_at: r.updated_at,
+        }
+    }
+}
 
 /// The same columns, qualified for a join on `m`.
 pub(super) const PREFIXED_COLUMNS: &str = "m.organization_id, m.user_id, m.membership_id, m.role_slug, m.workos_role_slug, m.status, m.version, m.updated_at";
@@ -49,11 +80,12 @@ pub async fn get<'c>(
     organization_id: &str,
     user_id: &str,
 ) -> Result<Option<Membership>, DbError> {
-    Ok(sqlx::query_as(&GET)
+    let row: Option<Row> = sqlx::query_as(&GET)
         .bind(organization_id)
         .bind(user_id)
         .fetch_optional(conn)
-        .await?)
+        .await?;
+    Ok(row.map(Membership::from))
 }
 
 /// The stored row of one membership, and whether the slug WorkOS last reported for it
@@ -66,7 +98,7 @@ pub async fn get_with_role<'c>(
     #[derive(sqlx::FromRow)]
     struct WithRole {
         #[sqlx(flatten)]
-        membership: Membership,
+        membership: Row,
         role_known: i64,
     }
     let sql = format!(
@@ -79,7 +111,7 @@ pub async fn get_with_role<'c>(
         .bind(user_id)
         .fetch_optional(conn)
         .await?;
-    Ok(row.map(|r| (r.membership, r.role_known > 0)))
+    Ok(row.map(|r| (r.membership.into(), r.role_known > 0)))
 }
 
 /// Every stored row, ordered by organization then user (for tests and operators).
@@ -91,10 +123,11 @@ pub async fn list<'c>(
         "SELECT {COLUMNS} FROM memberships WHERE ($1 IS NULL OR organization_id = $1) \
          ORDER BY organization_id, user_id"
     );
-    Ok(sqlx::query_as(&sql)
+    let rows: Vec<Row> = sqlx::query_as(&sql)
         .bind(organization_id)
         .fetch_all(conn)
-        .await?)
+        .await?;
+    Ok(rows.into_iter().map(Membership::from).collect())
 }
 
 /// The stored rows of these memberships.
@@ -112,14 +145,14 @@ pub async fn get_many<'c>(
         PREFIXED_COLUMNS,
         backend.values_list(keys.len(), 2)
     );
-    let mut query = sqlx::query_as::<_, Membership>(&sql);
+    let mut query = sqlx::query_as::<_, Row>(&sql);
     for (org, user) in keys {
         query = query.bind(org).bind(user);
     }
     let rows = query.fetch_all(conn).await?;
     Ok(rows
         .into_iter()
-        .map(|r| ((r.organization_id.clone(), r.user_id.clone()), r))
+        .map(|r| ((r.organization_id.clone(), r.user_id.clone()), r.into()))
         .collect())
 }
 

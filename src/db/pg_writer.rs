@@ -13,7 +13,7 @@ use sqlx::{PgConnection, Row};
 use super::inbox::InboxRow;
 use super::store::{BatchStore, Snapshot, TrailPoint, Writes};
 use super::{audit, decode_timestamp, inbox, lock_names, memberships, DbError, Key};
-use crate::reconcile::{HistoryMark, Membership};
+use crate::domain::{HistoryMark, Membership};
 use crate::timestamp::Timestamp;
 
 /// `$1::text[], ..., $n::text[]` from `first`.

@@ -18,7 +18,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row};
 use super::inbox::InboxRow;
 use super::store::{BatchStore, Snapshot, TrailPoint, Writes};
 use super::{audit, inbox, memberships, Backend, DbError, Key, SQLITE_PRAGMAS};
-use crate::reconcile::{AuditEntry, HistoryMark, Membership};
+use crate::domain::{AuditEntry, HistoryMark, Membership};
 use crate::timestamp::Timestamp;
 
 /// Prepared statements kept per connection: every statement the writer runs, `BEGIN IMMEDIATE` and

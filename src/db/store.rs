@@ -8,7 +8,7 @@ use sqlx::AnyConnection;
 
 use super::inbox::InboxRow;
 use super::{audit, inbox, memberships, roles, Db, DbError, Key};
-use crate::reconcile::{AuditEntry, HistoryMark, Membership};
+use crate::domain::{AuditEntry, HistoryMark, Membership};
 use crate::timestamp::Timestamp;
 
 /// A point of a membership's audit trail: (organization_id, user_id, as of version).

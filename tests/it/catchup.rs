@@ -34,7 +34,7 @@ fn app(db: &Db) -> TestApp {
     let mut config = rolesync::config::Config::with_database("sqlite://unused.db").unwrap();
     config.webhook_secret = Some(SECRET.parse().unwrap());
     let clock = TestClock::at(NOW);
-    let state = rolesync::app::AppState::with_clock(&config, db.clone(), clock.clone());
+    let state = rolesync::http::AppState::with_clock(&config, db.clone(), clock.clone());
     TestApp {
         state: Arc::new(state),
         clock,
@@ -578,14 +578,14 @@ async fn a_webhook_committing_the_same_event_during_a_sync_pass_on_postgres_does
     let body = membership_event("e1", "updated", "user_1", "admin", "active", 1);
     fake.script([page(vec![serde_json::from_slice(&body).unwrap()], None)]);
     // A webhook delivery of e1 in flight: stored and reconciled, not yet committed.
-    let incoming = rolesync::webhook::Incoming::parse(
+    let incoming = rolesync::ingest::Incoming::parse(
         &body,
         rolesync::reconcile::Source::Webhook,
         rolesync::timestamp::Timestamp::now(),
     )
     .unwrap();
     let mut webhook = t.db.begin_write().await.unwrap();
-    let receipts = rolesync::webhook::deliver_batch_in(&mut webhook, &t.db, &[incoming], now())
+    let receipts = rolesync::ingest::deliver_batch_in(&mut webhook, &t.db, &[incoming], now())
         .await
         .unwrap();
     assert_eq!(receipts[0].outcome, "applied");

@@ -25,7 +25,7 @@ fn sample(exposition: &str, series: &str) -> f64 {
 }
 
 async fn exposition(app: &TestApp) -> String {
-    let response = rolesync::app::build_router(app.state.clone())
+    let response = rolesync::http::build_router(app.state.clone())
         .oneshot_text(get("/metrics"))
         .await;
     response
@@ -234,7 +234,7 @@ both! {
 
     async fn request_ids_are_echoed_or_made(t) {
         let app = TestApp::new(&t.db);
-        let router = rolesync::app::build_router(app.state.clone());
+        let router = rolesync::http::build_router(app.state.clone());
         use tower::ServiceExt;
         let with_id = Request::post("/webhooks/workos").header("x-request-id", "abc-123").body(Body::empty()).unwrap();
         let response = router.clone().oneshot(with_id).await.unwrap();

@@ -5,7 +5,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rolesync::webhook::signature;
+use rolesync::signature;
 use serde_json::Value;
 
 use crate::fake_workos::{api_membership, page, FakeWorkos};

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use rolesync::db::{self, Backend, Db};
+use rolesync::ingest::{deliver_batch, Incoming};
 use rolesync::reconcile::Source;
 use rolesync::timestamp::Timestamp;
-use rolesync::webhook::{deliver_batch, Incoming};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::process::{post_signed, post_webhook, Server};
@@ -359,19 +359,19 @@ async fn wal_stays_small(through_the_pool: bool) {
                 event_id: format!("evt_{batch}_{i}"),
                 event_type: "user.created".into(),
                 payload: payload.clone(),
-                kind: rolesync::webhook::event::EventKind::Other,
+                kind: rolesync::ingest::event::EventKind::Other,
             })
             .collect();
         let receipts = if through_the_pool {
             let mut tx = t.db.begin_write().await.unwrap();
             let receipts =
-                rolesync::webhook::deliver_batch_in(&mut tx, &t.db, &deliveries, Timestamp::now())
+                rolesync::ingest::deliver_batch_in(&mut tx, &t.db, &deliveries, Timestamp::now())
                     .await
                     .unwrap();
             tx.commit().await.unwrap();
             receipts
         } else {
-            rolesync::webhook::deliver_batch_sqlite(
+            rolesync::ingest::deliver_batch_sqlite(
                 &mut writer,
                 &t.db,
                 &deliveries,
@@ -406,7 +406,7 @@ async fn the_sqlite_checkpointer_keeps_the_wal_small_under_steady_pool_commits()
 /// PostgreSQL would abort one of the two).
 #[tokio::test]
 async fn batches_sharing_unlocked_events_wait_for_each_other_instead_of_deadlocking() {
-    use rolesync::webhook::deliver_batch_pg;
+    use rolesync::ingest::deliver_batch_pg;
     use sqlx::{Connection, Executor};
     let t = TestDb::new(Backend::Postgres).await;
     let ignored = |id: &str| {

@@ -6,13 +6,13 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
-use rolesync::app::{build_router, AppState};
 use rolesync::config::Config;
 use rolesync::db::audit::AuditRow;
 use rolesync::db::{self, Backend, Db};
+use rolesync::http::{build_router, AppState};
 use rolesync::reconcile::{Membership, Observation, Source};
+use rolesync::signature;
 use rolesync::timestamp::{Clock, Timestamp};
-use rolesync::webhook::signature;
 use serde_json::Value;
 use sqlx::{Connection, Executor, PgConnection};
 use tower::ServiceExt;

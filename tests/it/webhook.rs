@@ -6,7 +6,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use rolesync::db;
 use rolesync::replay;
-use rolesync::webhook::signature;
+use rolesync::signature;
 use serde_json::{json, Value};
 
 use crate::support::{
@@ -158,7 +158,7 @@ both! {
             tokio::spawn(async move { done.send((i, app.exchange(app.signed_webhook(&body)).await)).unwrap() });
         }
         // Two committers (PostgreSQL) hold at most a batch each, and each queue one more.
-        let most_accepted = 2 * rolesync::batcher::MAX_BATCH + 2;
+        let most_accepted = 2 * rolesync::ingest::batcher::MAX_BATCH + 2;
         let mut refused = Vec::new();
         while refused.len() < sent - most_accepted {
             let (i, (status, headers, answer)) =
@@ -320,13 +320,13 @@ both! {
         t.db.close().await;
         let (status, headers, answer) = app.exchange(app.signed_webhook(&membership_event("e1", "created", "user_1", "admin", "active", 1))).await;
         assert_eq!((status, answer["error"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("storage_unavailable")));
-        assert_eq!(headers.get("retry-after").and_then(|v| v.to_str().ok()), Some(rolesync::error::STORAGE_RETRY_AFTER));
+        assert_eq!(headers.get("retry-after").and_then(|v| v.to_str().ok()), Some(rolesync::http::error::STORAGE_RETRY_AFTER));
     }
 
     async fn an_oversized_body_is_refused_before_it_is_read(t) {
         let app = TestApp::new(&t.db);
         let mut big = membership_event("e1", "created", "user_1", "member", "active", 1);
-        big.extend(std::iter::repeat_n(b' ', rolesync::webhook::MAX_BODY_BYTES));
+        big.extend(std::iter::repeat_n(b' ', rolesync::http::webhook::MAX_BODY_BYTES));
         let (status, answer) = app.deliver(&big).await;
         assert_eq!((status, answer["error"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large")));
         let header = signature::sign(&big, SECRET.as_bytes(), app.clock_millis());
@@ -428,7 +428,7 @@ async fn run_scenario(t: &TestDb, path: &std::path::Path) {
 both! {
     async fn one_batch_dedupes_orders_and_classifies_every_delivery(t) {
         use rolesync::reconcile::Source;
-        use rolesync::webhook::{deliver_batch, Incoming};
+        use rolesync::ingest::{deliver_batch, Incoming};
         let parse = |body: Vec<u8>| Incoming::parse(&body, Source::Webhook, rolesync::timestamp::Timestamp::now()).unwrap();
         let batch = vec![
             parse(membership_event("e1", "created", "user_1", "member", "active", 1)),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use rolesync::webhook::signature;
+use rolesync::signature;
 use serde_json::Value;
 use tokio::time::Instant;
 

@@ -12,9 +12,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::db::sqlite_writer::SqliteWriter;
 use crate::db::{Db, DbError};
+use crate::ingest::{deliver_batch_on, deliver_batch_pg, deliver_batch_sqlite, Incoming, Receipt};
 use crate::metrics::Metrics;
 use crate::timestamp::SharedClock;
-use crate::webhook::{deliver_batch_on, deliver_batch_pg, deliver_batch_sqlite, Incoming, Receipt};
 
 /// Most deliveries committed together.
 pub const MAX_BATCH: usize = 256;
@@ -113,15 +113,6 @@ pub enum SubmitError {
     Overloaded,
     #[error(transparent)]
     Storage(#[from] DbError),
-}
-
-impl From<SubmitError> for crate::error::AppError {
-    fn from(e: SubmitError) -> Self {
-        match e {
-            SubmitError::Overloaded => Self::Overloaded,
-            SubmitError::Storage(e) => Self::StorageUnavailable(e),
-        }
-    }
 }
 
 /// The queue, of `queues`, of a delivery: by membership, else by event id.
@@ -255,9 +246,9 @@ impl Committer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reconcile::{Observation, Source};
+    use crate::domain::{Observation, Source};
+    use crate::ingest::event::EventKind;
     use crate::timestamp::Timestamp;
-    use crate::webhook::event::EventKind;
 
     fn delivery(event_id: &str, user: &str, role: &str) -> Incoming {
         let obs = Observation {

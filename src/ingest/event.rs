@@ -3,7 +3,7 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::reconcile::{check_id, Observation, Source, DELETED, MAX_ID_LEN};
+use crate::domain::{check_id, Observation, Source, DELETED, MAX_ID_LEN};
 use crate::timestamp::Timestamp;
 
 /// The envelope of every WorkOS event. `data` stays raw until the type is known.

@@ -6,7 +6,9 @@ use axum::Json;
 use serde_json::json;
 
 use crate::db::DbError;
-use crate::webhook::signature::SignatureError;
+use crate::ingest::batcher::SubmitError;
+use crate::login::LoginError;
+use crate::signature::SignatureError;
 
 /// Seconds a client should wait after `503 storage_unavailable`: a restarting database takes some.
 pub const STORAGE_RETRY_AFTER: &str = "5";
@@ -94,6 +96,26 @@ impl IntoResponse for AppError {
                 (status, [(header::RETRY_AFTER, STORAGE_RETRY_AFTER)], body).into_response()
             }
             _ => (status, body).into_response(),
+        }
+    }
+}
+
+impl From<LoginError> for AppError {
+    fn from(e: LoginError) -> Self {
+        match e {
+            LoginError::WorkosUnavailable(reason) => AppError::WorkosUnavailable(reason),
+            LoginError::StorageUnavailable(reason) => {
+                AppError::StorageUnavailable(DbError::Unavailable(reason))
+            }
+        }
+    }
+}
+
+impl From<SubmitError> for AppError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::Overloaded => Self::Overloaded,
+            SubmitError::Storage(e) => Self::StorageUnavailable(e),
         }
     }
 }

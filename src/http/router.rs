@@ -1,4 +1,4 @@
-//! Shared state and the router; building the router does no I/O.
+//! Every route and the operations endpoints; building the router does no I/O.
 
 use std::sync::Arc;
 
@@ -9,66 +9,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::batcher::Batcher;
-use crate::config::{Config, Secret};
-use crate::db::{Backend, Db};
-use crate::error::AppError;
-use crate::login::{self, LoginService};
-use crate::metrics::Metrics;
-use crate::middleware::{self, Inbound};
-use crate::server::ConnectionLimits;
-use crate::timestamp::{SharedClock, SystemClock};
-use crate::webhook;
-
-/// Everything a request handler needs, shared behind an `Arc`.
-pub struct AppState {
-    pub db: Db,
-    pub webhook_secrets: Vec<Secret>,
-    pub tolerance_ms: i64,
-    pub clock: SharedClock,
-    pub login: LoginService,
-    pub batcher: Batcher,
-    pub metrics: Arc<Metrics>,
-    pub inbound: Inbound,
-    pub connections: ConnectionLimits,
-}
-
-impl AppState {
-    /// State from settings, over an open database, on the system clock.
-    pub fn new(config: &Config, db: Db) -> Self {
-        Self::with_clock(config, db, Arc::new(SystemClock))
-    }
-
-    /// State with the given clock; starts the group-commit workers.
-    pub fn with_clock(config: &Config, db: Db, clock: SharedClock) -> Self {
-        let workers = match db.backend() {
-            Backend::Sqlite => 1,
-            Backend::Postgres => 2,
-        };
-        let metrics = Arc::new(Metrics::new());
-        Self {
-            batcher: Batcher::spawn(
-                db.clone(),
-                clock.clone(),
-                workers,
-                config.max_queued_deliveries as usize,
-                metrics.clone(),
-            ),
-            login: LoginService::new(config, metrics.clone()),
-            inbound: Inbound::new(config),
-            connections: ConnectionLimits::new(config),
-            webhook_secrets: config
-                .webhook_secret
-                .clone()
-                .map(|s| s.0)
-                .unwrap_or_default(),
-            tolerance_ms: i64::from(config.webhook_tolerance_secs) * 1000,
-            db,
-            clock,
-            metrics,
-        }
-    }
-}
+use super::error::AppError;
+use super::state::AppState;
+use super::{login, middleware, webhook};
 
 /// Every route of rolesync. The routes that do work sit behind the request middleware.
 pub fn build_router(state: Arc<AppState>) -> Router {
