@@ -260,7 +260,10 @@ impl Db {
     pub async fn migrate(&self) -> Result<(), DbError> {
         let migrator = match self.backend {
             Backend::Sqlite => &SQLITE_MIGRATIONS,
-            Backend::Postgres => &POSTGRES_MIGRATIONS,
+            Backend::Postgres => {
+                create_search_path_schema(&self.pool).await?;
+                &POSTGRES_MIGRATIONS
+            }
         };
         migrator.run(&self.pool).await?;
         Ok(())
@@ -379,5 +382,56 @@ impl Db {
     /// Closes every connection.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// Creates the schema a URL's `options=-c search_path=NAME` names when it does not exist yet, so
+/// that rolesync's tables (and `_sqlx_migrations`) go there rather than into `public` beside the
+/// app's own tables. Nothing to do when the first schema of the search path exists.
+async fn create_search_path_schema(pool: &AnyPool) -> Result<(), DbError> {
+    let (current, path): (Option<String>, String) =
+        sqlx::query_as("SELECT current_schema()::text, current_setting('search_path')")
+            .fetch_one(pool)
+            .await?;
+    let Some(schema) = current.is_none().then(|| first_schema(&path)).flatten() else {
+        return Ok(());
+    };
+    let sql = format!(
+        "CREATE SCHEMA IF NOT EXISTS \"{}\"",
+        schema.replace('"', "\"\"")
+    );
+    pool.execute(sql.as_str()).await?;
+    Ok(())
+}
+
+/// The first schema named in a `search_path` setting (`"$user"`, a session-dependent entry, skipped).
+fn first_schema(search_path: &str) -> Option<String> {
+    search_path
+        .split(',')
+        .map(|entry| {
+            let entry = entry.trim();
+            match entry.strip_prefix('"').and_then(|e| e.strip_suffix('"')) {
+                Some(quoted) => quoted.replace("\"\"", "\""),
+                None => entry.to_ascii_lowercase(),
+            }
+        })
+        .find(|name| !name.is_empty() && name != "$user")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_schema;
+
+    #[test]
+    fn the_first_schema_of_a_search_path_is_read_as_postgresql_reads_it() {
+        for (path, expected) in [
+            ("rolesync", Some("rolesync")),
+            ("RoleSync, public", Some("rolesync")),
+            ("\"$user\", public", Some("public")),
+            ("\"Role \"\"Sync\"\"\", public", Some("Role \"Sync\"")),
+            ("", None),
+        ] {
+            assert_eq!(first_schema(path).as_deref(), expected, "{path:?}");
+        }
     }
 }

@@ -11,4 +11,5 @@ mod ops;
 mod process;
 mod reconcile;
 mod reliability;
+mod schema;
 mod webhook;
