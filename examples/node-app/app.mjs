@@ -78,7 +78,10 @@ export function createApp({ rolesyncUrl, rolesyncToken, signInTimeoutMs = 2500, 
     if (!session) return send(res, 401, { error: 'sign in first: /callback?user_id=...&organization_id=...' });
     if (url.pathname === '/') return send(res, 200, session);
     if (url.pathname === '/studio') return studio(session, res);
-    if (url.pathname === '/logout') return sessions.delete(sid), send(res, 200, { signed_out: true });
+    if (url.pathname === '/logout') {
+      sessions.delete(sid);
+      return send(res, 200, { signed_out: true });
+    }
     send(res, 404, { error: 'not found' });
   }
 
