@@ -7,7 +7,10 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import {
   Child,
+  registerWebhook,
   rolesync,
+  rolesyncClient,
+  rolesyncEnv,
   sleep,
   startEmulator,
   startRolesync,
@@ -36,16 +39,7 @@ const emulator = await startEmulator();
 let server;
 let app;
 try {
-  const env = {
-    DATABASE_URL: db.url,
-    WORKOS_API_KEY: 'sk_test_default',
-    WORKOS_API_BASE_URL: emulator.url,
-    WORKOS_WEBHOOK_SECRET: SECRET,
-    ROLESYNC_LOGIN_TOKEN: TOKEN,
-    ROLESYNC_SYNC_INTERVAL_SECS: '0',
-    ROLESYNC_LOGIN_REFRESH_SECS: '0',
-    RUST_LOG: 'warn',
-  };
+  const env = rolesyncEnv({ databaseUrl: db.url, emulator, secret: SECRET, loginToken: TOKEN });
   rolesync(['migrate'], env);
   server = await startRolesync(env);
   app = new Child('node-app', process.execPath, [path.join(here, 'app.mjs')], {
@@ -56,11 +50,7 @@ try {
   const appUrl = await waitFor('the example app', () => /listening on (\S+)/.exec(app.output)?.[1]);
 
   const { api } = emulator;
-  const endpoint = await api('POST', '/webhook_endpoints', {
-    endpoint_url: `${server.url}/webhooks/workos`,
-    secret: SECRET,
-    events: ['organization_membership.created', 'organization_membership.updated', 'organization_membership.deleted'],
-  });
+  const endpoint = await registerWebhook(emulator, server.url, SECRET);
   const org = (await api('POST', '/organizations', { name: 'Studio Co' })).id;
   const alice = (await api('POST', '/user_management/users', { email: 'alice@studio.test' })).id;
   const om = (
@@ -71,10 +61,8 @@ try {
     })
   ).id;
   const setRole = (role_slug) => api('PUT', `/user_management/organization_memberships/${om}`, { role_slug });
-  const storedRole = async () => {
-    const r = await fetch(`${server.url}/v1/memberships/${org}/${alice}`, { headers: { authorization: `Bearer ${TOKEN}` } });
-    return r.ok ? (await r.json()).role_slug : null;
-  };
+  const rs = rolesyncClient(server.url, TOKEN);
+  const storedRole = async () => (await rs.stored(org, alice))?.role_slug;
   const get = browser(appUrl);
 
   // 1. Sign-in as admin: /studio opens.

@@ -9,6 +9,11 @@ import { fileURLToPath } from 'node:url';
 
 export const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 export const EMULATOR_API_KEY = 'sk_test_default';
+export const MEMBERSHIP_EVENTS = [
+  'organization_membership.created',
+  'organization_membership.updated',
+  'organization_membership.deleted',
+];
 
 /** A port nothing listens on right now (the OS picks it; no test depends on a fixed port). */
 export function freePort() {
@@ -121,6 +126,30 @@ export function rolesync(args, env) {
     throw new Error(`rolesync ${args.join(' ')} exited ${result.status}: ${result.stderr}`);
   }
   return result.stdout;
+}
+
+/** rolesync's settings for a run against the emulator. The catch-up loop is off, so that only
+ *  `rolesync sync` heals what webhooks missed, and every login asks WorkOS. */
+export function rolesyncEnv({ databaseUrl, emulator, secret, loginToken }) {
+  return {
+    DATABASE_URL: databaseUrl,
+    WORKOS_API_KEY: EMULATOR_API_KEY,
+    WORKOS_API_BASE_URL: emulator.url,
+    WORKOS_WEBHOOK_SECRET: secret,
+    ROLESYNC_LOGIN_TOKEN: loginToken,
+    ROLESYNC_SYNC_INTERVAL_SECS: '0',
+    ROLESYNC_LOGIN_REFRESH_SECS: '0',
+    RUST_LOG: 'warn',
+  };
+}
+
+/** Registers rolesync's webhook endpoint with the emulator, which then signs every delivery. */
+export function registerWebhook(emulator, rolesyncUrl, secret) {
+  return emulator.api('POST', '/webhook_endpoints', {
+    endpoint_url: `${rolesyncUrl}/webhooks/workos`,
+    secret,
+    events: MEMBERSHIP_EVENTS,
+  });
 }
 
 /** `rolesync serve` on a free port; resolves once /readyz answers 200. */

@@ -21,8 +21,10 @@
 //   same; rolesync orders a deletion after a live state of the same version).
 import assert from 'node:assert/strict';
 import {
+  registerWebhook,
   rolesync,
   rolesyncClient,
+  rolesyncEnv,
   sleep,
   startEmulator,
   startRolesync,
@@ -32,11 +34,6 @@ import {
 
 const SECRET = 'whsec_e2e_local';
 const TOKEN = 'login_token_e2e_local';
-const MEMBERSHIP_EVENTS = [
-  'organization_membership.created',
-  'organization_membership.updated',
-  'organization_membership.deleted',
-];
 
 const args = process.argv.slice(2);
 const narrate = args.includes('--narrate');
@@ -51,17 +48,7 @@ async function tour(backend) {
   const emulator = await startEmulator();
   let server;
   try {
-    const env = {
-      DATABASE_URL: db.url,
-      WORKOS_API_KEY: 'sk_test_default',
-      WORKOS_API_BASE_URL: emulator.url,
-      WORKOS_WEBHOOK_SECRET: SECRET,
-      ROLESYNC_LOGIN_TOKEN: TOKEN,
-      // The catch-up loop is off so that only `rolesync sync` below heals what webhooks missed.
-      ROLESYNC_SYNC_INTERVAL_SECS: '0',
-      ROLESYNC_LOGIN_REFRESH_SECS: '0',
-      RUST_LOG: 'warn',
-    };
+    const env = rolesyncEnv({ databaseUrl: db.url, emulator, secret: SECRET, loginToken: TOKEN });
     say(`rolesync migrate on ${db.url}; roles known: admin, member`);
     rolesync(['migrate'], env);
     assert.equal(rolesync(['roles', 'list'], env), 'admin\nmember\n');
@@ -71,11 +58,7 @@ async function tour(backend) {
     say(`rolesync serves on ${server.url}; the emulator on ${emulator.url}`);
 
     say('register rolesync as a webhook endpoint with the emulator (it signs every delivery)');
-    const endpoint = await api('POST', '/webhook_endpoints', {
-      endpoint_url: `${server.url}/webhooks/workos`,
-      secret: SECRET,
-      events: MEMBERSHIP_EVENTS,
-    });
+    const endpoint = await registerWebhook(emulator, server.url, SECRET);
     const org = (await api('POST', '/organizations', { name: 'Acme' })).id;
     const user = async (name) =>
       (await api('POST', '/user_management/users', { email: `${name}@acme.test`, first_name: name })).id;
