@@ -385,22 +385,29 @@ impl Db {
     }
 }
 
-/// Creates the schema a URL's `options=-c search_path=NAME` names when it does not exist yet, so
-/// that rolesync's tables (and `_sqlx_migrations`) go there rather than into `public` beside the
-/// app's own tables. Nothing to do when the first schema of the search path exists.
+/// Creates the schema a URL's `options=-c search_path=NAME[,...]` names first when it does not
+/// exist yet, so that rolesync's tables (and `_sqlx_migrations`) go there rather than into
+/// `public` beside the app's own tables (PostgreSQL creates in the first schema that exists).
 async fn create_search_path_schema(pool: &AnyPool) -> Result<(), DbError> {
-    let (current, path): (Option<String>, String) =
-        sqlx::query_as("SELECT current_schema()::text, current_setting('search_path')")
-            .fetch_one(pool)
-            .await?;
-    let Some(schema) = current.is_none().then(|| first_schema(&path)).flatten() else {
+    let path: String = sqlx::query_scalar("SELECT current_setting('search_path')")
+        .fetch_one(pool)
+        .await?;
+    let Some(schema) = first_schema(&path) else {
         return Ok(());
     };
-    let sql = format!(
-        "CREATE SCHEMA IF NOT EXISTS \"{}\"",
-        schema.replace('"', "\"\"")
-    );
-    pool.execute(sql.as_str()).await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(&schema)
+            .fetch_one(pool)
+            .await?;
+    if !exists {
+        // Only when missing: CREATE SCHEMA needs a privilege that using an existing one does not.
+        let sql = format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{}\"",
+            schema.replace('"', "\"\"")
+        );
+        pool.execute(sql.as_str()).await?;
+    }
     Ok(())
 }
 

@@ -59,6 +59,16 @@ fn events_page(events: Vec<Vec<u8>>) -> Reply {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_command_and_the_service_work_in_a_schema_beside_the_apps_own_roles_table() {
+    every_command_in_schema_rolesync("-c%20search_path%3Drolesync").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_path_that_falls_back_to_public_still_puts_every_table_in_schema_rolesync() {
+    every_command_in_schema_rolesync("-c%20search_path%3Drolesync%2Cpublic").await;
+}
+
+/// `options` is the URL's percent-encoded `options` parameter.
+async fn every_command_in_schema_rolesync(options: &str) {
     let t = TestDb::unmigrated(Backend::Postgres, 2).await;
     for sql in [
         "CREATE TABLE roles (id SERIAL PRIMARY KEY, name TEXT NOT NULL UNIQUE)",
@@ -66,7 +76,7 @@ async fn every_command_and_the_service_work_in_a_schema_beside_the_apps_own_role
     ] {
         sqlx::query(sql).execute(t.db.pool()).await.unwrap();
     }
-    let url = format!("{}?options=-c%20search_path%3Drolesync", t.url);
+    let url = format!("{}?options={options}", t.url);
     let fake = FakeWorkos::start().await;
     let envs = [
         ("DATABASE_URL", url.as_str()),
