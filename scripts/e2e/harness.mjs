@@ -102,15 +102,11 @@ export async function startEmulator() {
   await waitFor('the WorkOS emulator', async () => (await fetch(`${url}/health`)).ok, 180_000).catch((e) => {
     throw new Error(`${e.message}\n${child.output}`);
   });
+  const call = jsonClient(url, EMULATOR_API_KEY);
   const api = async (method, route, body) => {
-    const response = await fetch(url + route, {
-      method,
-      headers: { authorization: `Bearer ${EMULATOR_API_KEY}`, 'content-type': 'application/json' },
-      body: body === undefined ? undefined : JSON.stringify(body),
-    });
-    const text = await response.text();
-    if (!response.ok) throw new Error(`emulator ${method} ${route}: ${response.status} ${text}`);
-    return text ? JSON.parse(text) : null;
+    const { status, body: answer } = await call(method, route, body);
+    if (status < 200 || status > 299) throw new Error(`emulator ${method} ${route}: ${status} ${JSON.stringify(answer)}`);
+    return answer;
   };
   return { url, child, api };
 }
@@ -188,10 +184,10 @@ export function throwawayDatabase(backend) {
   };
 }
 
-/** Calls rolesync's login and membership endpoints with a bearer token. */
-export function rolesyncClient(url, token) {
-  const call = async (method, route, body) => {
-    const response = await fetch(url + route, {
+/** `(method, route, body) => {status, body}`: JSON over HTTP with a bearer token. */
+function jsonClient(base, token) {
+  return async (method, route, body) => {
+    const response = await fetch(base + route, {
       method,
       headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
       body: body === undefined ? undefined : JSON.stringify(body),
@@ -199,6 +195,11 @@ export function rolesyncClient(url, token) {
     const text = await response.text();
     return { status: response.status, body: text ? JSON.parse(text) : null };
   };
+}
+
+/** Calls rolesync's login and membership endpoints with a bearer token. */
+export function rolesyncClient(url, token) {
+  const call = jsonClient(url, token);
   return {
     login: (organization_id, user_id) => call('POST', '/v1/reconcile', { organization_id, user_id }),
     /** The stored row, or null when rolesync has none (404). */

@@ -127,7 +127,7 @@ async function tour(backend) {
       [fallback.body.role, fallback.body.source, fallback.body.workos_error],
       ['member', 'database', 'http_500'],
     );
-    await fetch(`${emulator.url}/_emulate/hooks/${hook.id}`, { method: 'DELETE' });
+    await api('DELETE', `/_emulate/hooks/${hook.id}`);
 
     say("enable the endpoint again; alice gets 'creator', a slug rolesync does not know: her role is kept");
     await api('PUT', `/webhook_endpoints/${endpoint.id}`, { enabled: true });
