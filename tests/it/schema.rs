@@ -10,6 +10,12 @@ use crate::support::{membership_event, v, TestDb};
 
 const API_KEY: &str = "sk_test_schema";
 const LOGIN_TOKEN: &str = "login_token_schema";
+/// README's "may this user open /studio" query, as the app runs it.
+const STUDIO_QUERY: &str = "SELECT EXISTS (
+  SELECT 1 FROM rolesync.memberships
+   WHERE organization_id = $1 AND user_id = $2
+     AND status = 'active' AND role_slug IN ('admin')
+) AS allowed";
 
 /// Runs the binary off the runtime's threads (the fake WorkOS answers on them); asserts exit 0.
 async fn cli(args: &[&str], envs: &[(&str, &str)]) -> String {
@@ -217,6 +223,18 @@ async fn every_command_in_schema_rolesync(options: &str) {
         expected,
         "rolesync's tables, and only they, are in its schema"
     );
+    for (user, expected) in [("user_2", true), ("user_1", false)] {
+        let allowed: bool = sqlx::query_scalar(STUDIO_QUERY)
+            .bind("org_1")
+            .bind(user)
+            .fetch_one(t.db.pool())
+            .await
+            .unwrap();
+        assert_eq!(
+            allowed, expected,
+            "README's /studio query, from the app's search path, for {user}"
+        );
+    }
     let app_roles: Vec<String> = sqlx::query_scalar("SELECT name FROM public.roles ORDER BY id")
         .fetch_all(t.db.pool())
         .await
