@@ -318,12 +318,7 @@ impl Db {
 
     /// Applies pending migrations; a second run is a no-op.
     pub async fn migrate(&self) -> Result<(), DbError> {
-        let migrator = match self.backend {
-            Backend::Sqlite => &SQLITE_MIGRATIONS,
-            Backend::Postgres => &POSTGRES_MIGRATIONS,
-        };
-        migrator.run(&self.pool).await?;
-        Ok(())
+        self.apply_migrations().await.map(|_| ())
     }
 
     /// Begins a transaction that will write. On SQLite it waits for this process's writer turn, then
@@ -462,5 +457,63 @@ impl Db {
     /// Closes every connection.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// Creates the schema a URL's `options=-c search_path=NAME[,...]` names first when it does not
+/// exist yet, so that rolesync's tables (and `_sqlx_migrations`) go there rather than into
+/// `public` beside the app's own tables (PostgreSQL creates in the first schema that exists).
+async fn create_search_path_schema(pool: &AnyPool) -> Result<(), DbError> {
+    let path: String = sqlx::query_scalar("SELECT current_setting('search_path')")
+        .fetch_one(pool)
+        .await?;
+    let Some(schema) = first_schema(&path) else {
+        return Ok(());
+    };
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(&schema)
+            .fetch_one(pool)
+            .await?;
+    if !exists {
+        // Only when missing: CREATE SCHEMA needs a privilege that using an existing one does not.
+        let sql = format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{}\"",
+            schema.replace('"', "\"\"")
+        );
+        pool.execute(sql.as_str()).await?;
+    }
+    Ok(())
+}
+
+/// The first schema named in a `search_path` setting (`"$user"`, a session-dependent entry, skipped).
+fn first_schema(search_path: &str) -> Option<String> {
+    search_path
+        .split(',')
+        .map(|entry| {
+            let entry = entry.trim();
+            match entry.strip_prefix('"').and_then(|e| e.strip_suffix('"')) {
+                Some(quoted) => quoted.replace("\"\"", "\""),
+                None => entry.to_ascii_lowercase(),
+            }
+        })
+        .find(|name| !name.is_empty() && name != "$user")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_schema;
+
+    #[test]
+    fn the_first_schema_of_a_search_path_is_read_as_postgresql_reads_it() {
+        for (path, expected) in [
+            ("rolesync", Some("rolesync")),
+            ("RoleSync, public", Some("rolesync")),
+            ("\"$user\", public", Some("public")),
+            ("\"Role \"\"Sync\"\"\", public", Some("Role \"Sync\"")),
+            ("", None),
+        ] {
+            assert_eq!(first_schema(path).as_deref(), expected, "{path:?}");
+        }
     }
 }

@@ -98,6 +98,9 @@ impl Db {
     /// Applies pending migrations; returns how many. An up-to-date database is only read: on
     /// PostgreSQL the migrator's `CREATE TABLE IF NOT EXISTS` would log a notice at every start.
     pub async fn apply_migrations(&self) -> Result<usize, DbError> {
+        if self.backend == Backend::Postgres {
+            super::create_search_path_schema(&self.pool).await?;
+        }
         let before = self.migration_state().await?;
         if before.is_current() {
             return Ok(0);

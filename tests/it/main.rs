@@ -13,4 +13,5 @@ mod ops;
 mod process;
 mod reconcile;
 mod reliability;
+mod schema;
 mod webhook;

@@ -215,7 +215,7 @@ both! {
 }
 
 /// Runs the binary to completion with only these variables; returns (exit code, stdout, stderr).
-fn run(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+pub fn run(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
     let output = Command::new(BIN)
         .args(args)
         .env_clear()

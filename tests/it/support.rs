@@ -45,6 +45,13 @@ impl TestDb {
     }
 
     pub async fn with_connections(backend: Backend, connections: u32) -> Self {
+        let t = Self::unmigrated(backend, connections).await;
+        t.db.migrate().await.expect("migrate");
+        t
+    }
+
+    /// A fresh database with no table of rolesync's in it.
+    pub async fn unmigrated(backend: Backend, connections: u32) -> Self {
         let (url, cleanup) = match backend {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("temp dir");
@@ -70,7 +77,6 @@ impl TestDb {
             }
         };
         let db = Db::connect(&url, connections).await.expect("connect");
-        db.migrate().await.expect("migrate");
         Self { db, url, cleanup }
     }
 }
