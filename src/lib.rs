@@ -1,5 +1,7 @@
 //! rolesync keeps an application's membership roles in step with WorkOS through one idempotent reconcile.
 
+#![forbid(unsafe_code)]
+
 pub mod cli;
 pub mod config;
 pub mod db;

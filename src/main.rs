@@ -1,5 +1,7 @@
 //! The rolesync command line: parse, set up logging, dispatch, and map errors to an exit status.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use rolesync::cli;

@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use rolesync::webhook::signature::{digest, parse_header, sign, verify, SignatureError};
+use rolesync::signature::{digest, parse_header, sign, verify, SignatureError};
 
 const SECRETS: [&[u8]; 2] = [b"secret", b"other"];
 const NOW: i64 = 1_700_000_000_000;

@@ -398,29 +398,4 @@ mod tests {
             Some(PathBuf::from("/tmp/x/rolesync.db"))
         );
     }
-
-    /// .cargo/config.toml builds the bundled SQLite without the shared page-cache group and the
-    /// allocation statistics, each of which takes a process-wide mutex on the committer's path.
-    #[test]
-    fn the_bundled_sqlite_has_no_global_memory_management() {
-        let conn = rusqlite::Connection::open_in_memory().unwrap();
-        let options = super::compile_options(&conn).unwrap();
-        assert!(options.iter().any(|o| o == "THREADSAFE=1"), "{options:?}");
-        assert!(
-            !options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
-            "{options:?}"
-        );
-        let mut current = 0;
-        let mut highest = 0;
-        use rusqlite::ffi::{sqlite3_status, SQLITE_OK, SQLITE_STATUS_MEMORY_USED};
-        // SAFETY: two valid out-pointers for the duration of the call; sqlite3_status is thread-safe.
-        let rc =
-            unsafe { sqlite3_status(SQLITE_STATUS_MEMORY_USED, &mut current, &mut highest, 0) };
-        // The high-water mark of memory in use stays 0 when allocations are not counted.
-        assert_eq!(
-            (rc, highest),
-            (SQLITE_OK, 0),
-            "allocation statistics are off"
-        );
-    }
 }

@@ -14,4 +14,5 @@ mod process;
 mod reconcile;
 mod reliability;
 mod schema;
+mod sqlite_build;
 mod webhook;
