@@ -362,9 +362,19 @@ pub async fn open_db(config: &Config) -> Result<(Db, usize)> {
 pub async fn open_migrated(config: &Config) -> Result<Db> {
     let url = &config.database_url;
     let path = schema::sqlite_path(&url.0).context("DATABASE_URL")?;
-    if let Some(path) = path.filter(|p| !p.exists()) {
+    if let Some(path) = path.as_ref().filter(|p| !p.exists()) {
         bail!(
             "DATABASE_URL: {} does not exist; run `rolesync migrate` to create it",
+            path.display()
+        );
+    }
+    // An empty file is a database with nothing applied; opening it would write SQLite's header.
+    if let Some(path) = path
+        .as_ref()
+        .filter(|p| p.metadata().is_ok_and(|m| m.is_file() && m.len() == 0))
+    {
+        bail!(
+            "DATABASE_URL: {} is empty, with none of this build's migrations applied; run `rolesync migrate`",
             path.display()
         );
     }

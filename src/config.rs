@@ -35,10 +35,14 @@ impl From<&str> for Secret {
 impl FromStr for Secret {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.trim().is_empty() {
+        let s = s.trim();
+        if s.is_empty() {
             return Err("must not be empty".into());
         }
-        Ok(Self(s.trim().to_owned()))
+        if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err("must not contain whitespace or control characters".into());
+        }
+        Ok(Self(s.to_owned()))
     }
 }
 
@@ -49,7 +53,11 @@ pub struct WebhookSecrets(pub Vec<Secret>);
 impl FromStr for WebhookSecrets {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let secrets: Vec<Secret> = s.split(',').filter_map(|p| p.parse().ok()).collect();
+        let secrets: Vec<Secret> = s
+            .split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| p.parse::<Secret>().map_err(|why| format!("a secret {why}")))
+            .collect::<Result<_, _>>()?;
         if secrets.is_empty() {
             return Err("expected one or more comma-separated secrets".into());
         }
@@ -95,6 +103,15 @@ impl FromStr for DatabaseUrl {
         }
         if rest.is_empty() {
             return Err("the URL names no database".into());
+        }
+        if Backend::of_url(s) == Some(Backend::Postgres) {
+            let before_query = rest.split('?').next().unwrap_or_default();
+            let database = before_query.split_once('/').map_or("", |(_, db)| db);
+            if database.is_empty() {
+                return Err(
+                    "the URL names no database (postgres://USER[:PASSWORD]@HOST[:PORT]/DB)".into(),
+                );
+            }
         }
         Ok(Self(s.to_owned()))
     }
@@ -210,7 +227,7 @@ pub enum LogFormat {
 /// Every setting of rolesync. Each flag falls back to the environment variable it names.
 #[derive(Args, Clone, Debug)]
 pub struct Config {
-    /// Database: sqlite://PATH (created if missing) or postgres://USER@HOST/DB
+    /// Database: sqlite://PATH (created by serve and migrate) or postgres://USER[:PASSWORD]@HOST[:PORT]/DB
     #[arg(
         long,
         env = "DATABASE_URL",
@@ -467,6 +484,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn secrets_with_whitespace_or_control_characters_are_refused() {
+        for bad in ["sk_test\n_", "sk test", "tab\there", "\u{7}bell"] {
+            assert!(bad.parse::<Secret>().is_err(), "{bad:?}");
+            assert!(
+                format!("whsec_ok,{bad}").parse::<WebhookSecrets>().is_err(),
+                "{bad:?} among webhook secrets"
+            );
+        }
+        assert_eq!(
+            " whsec_a , whsec_b ,"
+                .parse::<WebhookSecrets>()
+                .unwrap()
+                .0
+                .len(),
+            2,
+            "spaces around commas and a trailing comma are fine"
+        );
+    }
+
+    #[test]
     fn debug_output_never_shows_a_secret() {
         let mut config = Config::with_database("postgres://app:hunter2@db/rolesync").unwrap();
         config.webhook_secret = Some("whsec_one,whsec_two".parse().unwrap());
@@ -531,7 +568,15 @@ mod tests {
         ] {
             assert!(ok.parse::<DatabaseUrl>().is_ok(), "{ok} should parse");
         }
-        for bad in ["rolesync.db", "mysql://h/db", "sqlite://", "http://x"] {
+        for bad in [
+            "rolesync.db",
+            "mysql://h/db",
+            "sqlite://",
+            "http://x",
+            "postgres://u@h:5432/",
+            "postgres://u@h",
+            "postgres://u@h/?sslmode=disable",
+        ] {
             assert!(
                 bad.parse::<DatabaseUrl>().is_err(),
                 "{bad} should be refused"

@@ -11,9 +11,10 @@ pub mod sqlite_writer;
 pub mod store;
 pub mod sync_state;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -153,6 +154,27 @@ pub struct Db {
     sqlite_identity: Option<(u64, u64)>,
     /// Write transactions that failed in a row (any path); reset by one that commits.
     write_failures: Arc<AtomicU32>,
+    /// When each write under way began, by ticket: a write that waits long (a lock held by
+    /// another process) makes readiness fail before it fails itself.
+    writes_under_way: Arc<std::sync::Mutex<BTreeMap<u64, std::time::Instant>>>,
+    write_tickets: Arc<AtomicU64>,
+}
+
+/// How long a write may be under way before `/readyz` reports not ready.
+pub const STALLED_WRITE: Duration = Duration::from_secs(5);
+
+/// A write under way, from [`Db::write_under_way`] until dropped.
+pub struct WriteUnderWay {
+    ticket: u64,
+    writes: Arc<std::sync::Mutex<BTreeMap<u64, std::time::Instant>>>,
+}
+
+impl Drop for WriteUnderWay {
+    fn drop(&mut self) {
+        if let Ok(mut writes) = self.writes.lock() {
+            writes.remove(&self.ticket);
+        }
+    }
 }
 
 /// Consecutive failed writes after which `/readyz` reports not ready.
@@ -274,6 +296,8 @@ impl Db {
             postgres_url: (backend == Backend::Postgres).then(|| Arc::from(url.as_str())),
             sqlite_identity,
             write_failures: Arc::default(),
+            writes_under_way: Arc::default(),
+            write_tickets: Arc::default(),
         })
     }
 
@@ -294,6 +318,24 @@ impl Db {
                 file.display()
             ))),
         }
+    }
+
+    /// Marks a write as under way until the guard drops, for readiness.
+    pub fn write_under_way(&self) -> WriteUnderWay {
+        let ticket = self.write_tickets.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut writes) = self.writes_under_way.lock() {
+            writes.insert(ticket, std::time::Instant::now());
+        }
+        WriteUnderWay {
+            ticket,
+            writes: self.writes_under_way.clone(),
+        }
+    }
+
+    /// How long the oldest write under way has been waiting.
+    fn oldest_write(&self) -> Option<Duration> {
+        let writes = self.writes_under_way.lock().ok()?;
+        writes.values().min().map(|began| began.elapsed())
     }
 
     /// Records how a write transaction ended, for readiness.
@@ -417,6 +459,12 @@ impl Db {
     /// once it (or any other write) commits.
     pub async fn check_ready(&self) -> Result<(), DbError> {
         self.check_file()?;
+        if let Some(waited) = self.oldest_write().filter(|w| *w > STALLED_WRITE) {
+            return Err(DbError::Unavailable(format!(
+                "a write has waited {} s for the database (a lock held elsewhere?)",
+                waited.as_secs()
+            )));
+        }
         let failures = self.write_failures.load(Ordering::Relaxed);
         if failures >= WRITE_FAILURES_NOT_READY {
             let probe = self.probe_write().await;

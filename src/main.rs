@@ -50,9 +50,14 @@ fn hide_database_password(error: &clap::Error, line: String) -> String {
     if !about_url || url.is_empty() {
         return line;
     }
-    let shown = match url.contains("://") {
-        true => rolesync::config::redact_url(url),
-        false => "****".to_owned(),
+    let shown = match (
+        url.contains("://"),
+        url.contains('@') || url.contains("password"),
+    ) {
+        (true, _) => rolesync::config::redact_url(url),
+        // Not a URL: shown unless it may hold credentials (`user:password@host`).
+        (false, false) => return line,
+        (false, true) => "****".to_owned(),
     };
     match line.split_once("' for '--database-url") {
         Some((_, rest)) => format!("error: invalid value '{shown}' for '--database-url{rest}"),

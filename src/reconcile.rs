@@ -16,7 +16,8 @@ pub use crate::domain::{
 /// The deletion a path infers when WorkOS no longer lists a membership (a login that finds none, a
 /// resync). Absence carries no version, and an answer from the wrong WorkOS environment looks the
 /// same, so the observation carries the version of the row it removes (the Unix epoch when nothing
-/// is stored) and its tombstone is written one microsecond below it ([`decide`]): any later
+/// is stored, which [`decide`] answers `unchanged` without writing) and its tombstone is written
+/// one microsecond below it: any later
 /// sighting of that state or a newer one outranks it and restores the membership, while an older
 /// one stays `stale`. A row newer than the one the inference rests on makes it `stale`.
 pub fn inferred_deletion(
@@ -93,6 +94,14 @@ pub fn decide(
             outcome: Outcome::Stale,
             write: None,
             audit: news.then_some(audit),
+        };
+    }
+    // WorkOS lists no membership where none is stored: nothing to remove, nothing to record.
+    if obs.inferred && stored.is_none() {
+        return Decision {
+            outcome: Outcome::Unchanged,
+            write: None,
+            audit: None,
         };
     }
     let lowered;
@@ -287,6 +296,7 @@ pub async fn reconcile_and_read(
     if let Some((stored, _)) = earlier.filter(|e| writes_nothing(e, obs, now)) {
         return Ok((Outcome::Unchanged, Some(stored.clone())));
     }
+    let _under_way = db.write_under_way();
     let written = async {
         let mut tx = db.begin_write().await?;
         let outcomes = reconcile_batch(&mut tx, db, &[obs], now).await?;

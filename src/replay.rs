@@ -155,22 +155,25 @@ pub async fn run(
             answer.outcome,
         ]);
     }
-    emit(&table::render(&["FILE", "EVENT", "HTTP", "OUTCOME"], &rows))?;
+    // A closed stdout stops the printing, never the verdict: failed deliveries still exit 1.
+    let printed = emit(&table::render(&["FILE", "EVENT", "HTTP", "OUTCOME"], &rows));
     if let Some(error) = unanswered {
         return Err(error);
     }
     let summary: Vec<String> = totals.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    emit(&format!(
-        "{} deliveries, {} failed: {}\n",
-        deliveries.len(),
-        failed,
-        summary.join(" ")
-    ))?;
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    let printed = printed.and_then(|()| {
+        emit(&format!(
+            "{} deliveries, {} failed: {}\n",
+            deliveries.len(),
+            failed,
+            summary.join(" ")
+        ))
+    });
+    match (failed, printed) {
+        (0, printed) => printed.map(|()| ExitCode::SUCCESS),
+        (_, Err(e)) if !crate::output::is_closed_stdout(&e) => Err(e),
+        _ => Ok(ExitCode::FAILURE),
+    }
 }
 
 /// An HTTP answer to one delivery.

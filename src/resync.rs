@@ -46,10 +46,18 @@ pub fn observations(
     stored: &[Membership],
     now: Timestamp,
 ) -> anyhow::Result<Vec<Observation>> {
+    // A membership WorkOS lists with a value rolesync refuses is skipped, not the whole
+    // organization; it still counts as listed, so it is never taken for a deletion.
     let mut out: Vec<Observation> = found
         .iter()
-        .map(|m| m.observation(Source::Resync, now))
-        .collect::<Result<_, _>>()?;
+        .filter_map(|m| match m.observation(Source::Resync, now) {
+            Ok(obs) => Some(obs),
+            Err(e) => {
+                tracing::warn!(membership_id = %m.id, error = %e, "skipping a membership rolesync cannot store");
+                None
+            }
+        })
+        .collect();
     let present: HashSet<(&str, &str)> = found
         .iter()
         .map(|m| (m.organization_id.as_str(), m.user_id.as_str()))

@@ -22,6 +22,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_BASE: Duration = Duration::from_millis(50);
 const BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// Longest one request is retried, whatever its deadline: a long listing (`resync`, up to 600 s)
+/// gives up on a page that keeps failing instead of retrying it until the whole deadline passes.
+const RETRY_WINDOW: Duration = Duration::from_secs(30);
 const MAX_PAGES: usize = 50;
 
 /// Why a WorkOS call gave no usable answer.
@@ -240,6 +243,7 @@ impl WorkosClient {
     ) -> Result<T, WorkosError> {
         let key = self.api_key.as_ref().ok_or(WorkosError::NotConfigured)?;
         let url = format!("{}{path}", self.base_url);
+        let give_up = deadline.min(Instant::now() + RETRY_WINDOW);
         let mut attempt: u32 = 0;
         loop {
             let result = self.attempt(&url, query, key, deadline).await;
@@ -256,7 +260,7 @@ impl WorkosClient {
             let wait = retry_wait(retry_after, attempt);
             if Instant::now()
                 .checked_add(wait)
-                .is_none_or(|ready| ready >= deadline)
+                .is_none_or(|ready| ready >= give_up)
             {
                 return Err(error);
             }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap};
 use axum::Json;
@@ -84,9 +85,13 @@ async fn handle(
 pub async fn get_membership(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path((organization_id, user_id)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Json<Membership>, AppError> {
     authorize(&app.login, &headers)?;
+    // A segment that is not UTF-8 names no membership rolesync could hold.
+    let Ok(Path((organization_id, user_id))) = path else {
+        return Err(AppError::NotFound);
+    };
     // An id rolesync could never have stored (a NUL, which PostgreSQL refuses in text) is absent.
     if check_id(&organization_id).is_err() || check_id(&user_id).is_err() {
         return Err(AppError::NotFound);

@@ -207,7 +207,9 @@ impl Committer {
             self.link = None;
             return Err(DbError::Unavailable("the database pool is closed".into()));
         }
+        let under_way = self.db.write_under_way();
         let result = self.attempt(batch).await;
+        drop(under_way);
         self.db.note_write(&result);
         result
     }

@@ -338,6 +338,22 @@ both! {
         assert_eq!(audit_count(&t.db).await, 4, "and audits nothing");
     }
 
+    async fn resync_skips_a_membership_it_cannot_store_and_heals_the_others(t) {
+        let app = app(&t.db);
+        let fake = FakeWorkos::start().await;
+        app.deliver(&membership_event("e1", "created", "user_1", "member", "active", 1)).await;
+        app.deliver(&membership_event("e2", "created", "user_2", "member", "active", 1)).await;
+        fake.always(page(vec![
+            api_membership("user_1", "admin", "active", &v(2).to_string()),
+            api_membership("user_2", "admin", "active", "9999-12-31T23:59:59.999Z"),
+        ], None));
+        let changes = rolesync::resync::resync(&t.db, &workos(&fake), "org_1", false, now()).await.unwrap();
+        let outcomes: HashMap<&str, Outcome> = changes.iter().map(|c| (c.observed.user_id.as_str(), c.outcome)).collect();
+        assert_eq!(outcomes, HashMap::from([("user_1", Outcome::Applied)]), "the refused one is skipped, not removed");
+        let two = membership(&t.db, "org_1", "user_2").await.unwrap();
+        assert_eq!((two.role_slug.as_deref(), two.status.as_str()), (Some("member"), "active"), "left as stored");
+    }
+
     async fn resync_against_an_environment_without_the_organization_changes_nothing(t) {
         let app = app(&t.db);
         let fake = FakeWorkos::start().await;

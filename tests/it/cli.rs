@@ -207,6 +207,9 @@ both! {
             let run = run_with(args, &envs, cwd, closed_pipe());
             assert_eq!((run.code, run.stderr.as_str()), (0, ""), "rolesync {args:?} | true");
         }
+        let wrong = [("DATABASE_URL", t.url.as_str()), ("WORKOS_WEBHOOK_SECRET", "whsec_wrong"), ("ROLESYNC_LISTEN", &listen)];
+        let run = run_with(&["replay", "fixtures/workos"], &wrong, cwd, closed_pipe());
+        assert_eq!(run.code, 1, "deliveries refused (401) still exit 1 when stdout is closed: {run:?}");
         server.terminate();
         assert!(server.finish().0);
     }
@@ -352,6 +355,23 @@ async fn commands_other_than_serve_and_migrate_refuse_a_missing_or_unmigrated_da
         std::fs::read_dir(dir.path()).unwrap().count(),
         0,
         "no file created"
+    );
+    let zero = dir.path().join("zero.db");
+    std::fs::write(&zero, b"").unwrap();
+    for args in commands {
+        let env = envs(&format!("sqlite://{}", zero.display()));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let path = zero.display().to_string();
+        rolesync(args, &env).refused(
+            1,
+            &[&path, "rolesync migrate"],
+            &format!("{args:?} on an empty file"),
+        );
+    }
+    assert_eq!(
+        std::fs::metadata(&zero).unwrap().len(),
+        0,
+        "the empty file is left empty"
     );
 
     let empty = EmptyPostgres::new().await;

@@ -142,6 +142,17 @@ both! {
         assert_eq!(older["outcome"], "stale", "an older state stays stale");
     }
 
+    async fn a_login_of_a_membership_neither_stored_nor_in_workos_writes_nothing(t) {
+        let fake = FakeWorkos::start().await;
+        let app = login_app(&t.db, &fake, 1500);
+        fake.always(page(vec![], None));
+        let (status, answer) = app.login("user 1").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!((answer["outcome"].as_str(), answer["role"].clone(), answer["status"].clone()), (Some("unchanged"), Value::Null, Value::Null), "{answer}");
+        assert!(membership(&t.db, "org_1", "user 1").await.is_none(), "no tombstone");
+        assert_eq!(audit_count(&t.db).await, 0, "no audit row");
+    }
+
     async fn a_login_against_an_environment_without_the_organization_changes_nothing(t) {
         let fake = FakeWorkos::start().await;
         let app = login_app(&t.db, &fake, 1500);
@@ -396,11 +407,13 @@ both! {
         let (status, row) = app.request(get(TOKEN)).await;
         assert_eq!((status, row["role_slug"].as_str(), row["version"].as_str()), (StatusCode::OK, Some("admin"), Some(v(1).to_string().as_str())));
         assert_eq!(app.request(get("nope")).await.0, StatusCode::UNAUTHORIZED);
-        for path in ["/v1/memberships/org_1/user_x", "/v1/memberships/org_1/u%00nul", "/v1/memberships/org_1/u%0Anl"] {
+        for path in ["/v1/memberships/org_1/user_x", "/v1/memberships/org_1/u%00nul", "/v1/memberships/org_1/u%0Anl", "/v1/memberships/org_1/%FF"] {
             let missing = Request::get(path).header("authorization", format!("Bearer {TOKEN}")).body(Body::empty()).unwrap();
             let (status, answer) = app.request(missing).await;
             assert_eq!((status, answer["error"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")), "{path}");
         }
+        let unauthorized = Request::get("/v1/memberships/org_1/%FF").body(Body::empty()).unwrap();
+        assert_eq!(app.request(unauthorized).await.0, StatusCode::UNAUTHORIZED, "the token is checked before the path");
         for scheme in ["bearer", "BEARER", "Bearer"] {
             let get = Request::get("/v1/memberships/org_1/user_1").header("authorization", format!("{scheme} {TOKEN}")).body(Body::empty()).unwrap();
             assert_eq!(app.request(get).await.0, StatusCode::OK, "the scheme {scheme:?} is case-insensitive");

@@ -142,6 +142,12 @@ async fn a_sqlite_file_deleted_while_serving_is_never_recreated_and_answers_503(
     );
 }
 
+/// A transaction of another process that holds what rolesync's writes need.
+enum Blocker {
+    Sqlite(rusqlite::Connection),
+    Postgres(sqlx::PgConnection),
+}
+
 /// Makes every insert into `table` fail (`on`) or work again, as a full disk or a lock would.
 async fn fail_inserts(db: &rolesync::db::Db, table: &str, on: bool) {
     let statements: Vec<String> = match (db.backend(), on) {
@@ -178,6 +184,39 @@ both! {
         assert_eq!(app.request(get("/readyz")).await.0, StatusCode::OK, "ready again once a write commits");
         let (status, _) = app.deliver(&membership_event("e9", "created", "user_9", "admin", "active", 1)).await;
         assert_eq!(status, StatusCode::OK);
+    }
+
+    async fn readiness_fails_while_a_write_waits_on_a_lock_held_elsewhere(t) {
+        let app = Arc::new(TestApp::new(&t.db));
+        // Another process's transaction holds the write lock (SQLite) or the audit table (PostgreSQL).
+        let blocker = match t.db.backend() {
+            rolesync::db::Backend::Sqlite => {
+                let conn = rusqlite::Connection::open(t.url.strip_prefix("sqlite://").unwrap()).unwrap();
+                conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
+                Blocker::Sqlite(conn)
+            }
+            rolesync::db::Backend::Postgres => {
+                use sqlx::Connection;
+                let mut conn = sqlx::PgConnection::connect(&t.url).await.unwrap();
+                sqlx::raw_sql("BEGIN; LOCK TABLE role_audit IN ACCESS EXCLUSIVE MODE").execute(&mut conn).await.unwrap();
+                Blocker::Postgres(conn)
+            }
+        };
+        let sender = app.clone();
+        let delivery = tokio::spawn(async move {
+            sender.deliver(&membership_event("e1", "created", "user_1", "admin", "active", 1)).await
+        });
+        tokio::time::sleep(rolesync::db::STALLED_WRITE + std::time::Duration::from_millis(1500)).await;
+        let (status, body) = app.request(get("/readyz")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body["reason"].as_str().unwrap().contains("has waited"), "{body}");
+        match blocker {
+            Blocker::Sqlite(conn) => conn.execute_batch("ROLLBACK").unwrap(),
+            Blocker::Postgres(mut conn) => { sqlx::raw_sql("ROLLBACK").execute(&mut conn).await.unwrap(); }
+        }
+        let (status, answer) = delivery.await.unwrap();
+        assert_eq!((status, answer["outcome"].as_str()), (StatusCode::OK, Some("applied")), "the waiting write commits once the lock is gone");
+        assert_eq!(app.request(get("/readyz")).await.0, StatusCode::OK, "ready again");
     }
 
     async fn health_and_readiness_report_the_database(t) {
