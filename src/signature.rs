@@ -109,10 +109,31 @@ pub fn verify(
     now_ms: i64,
     tolerance_ms: i64,
 ) -> Result<usize, SignatureError> {
+    let parsed = check_header(header, now_ms, tolerance_ms)?;
+    verify_parsed(&parsed, body, secrets)
+}
+
+/// The header's own checks, which need no body: present, well-formed, and its timestamp within
+/// `tolerance_ms` of `now_ms` in both directions. A request failing them is refused before its
+/// body is read.
+pub fn check_header(
+    header: Option<&str>,
+    now_ms: i64,
+    tolerance_ms: i64,
+) -> Result<SignatureHeader<'_>, SignatureError> {
     let parsed = parse_header(header.ok_or(SignatureError::Missing)?)?;
     if !within_tolerance(parsed.timestamp_ms, now_ms, tolerance_ms) {
         return Err(SignatureError::OutOfTolerance);
     }
+    Ok(parsed)
+}
+
+/// Which secret, by position, signed `body` under a header that passed [`check_header`].
+pub fn verify_parsed(
+    parsed: &SignatureHeader<'_>,
+    body: &[u8],
+    secrets: &[&[u8]],
+) -> Result<usize, SignatureError> {
     // Every secret against every candidate; the first matching secret wins.
     secrets
         .iter()

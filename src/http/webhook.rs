@@ -1,10 +1,11 @@
-//! `POST /webhooks/workos`: limit the body, verify the signature over the raw bytes, then parse and
-//! hand the delivery to the group commit, answering only after the commit.
+//! `POST /webhooks/workos`: the [`Verified`] extractor limits the body and verifies the signature
+//! over the raw bytes; the handler then parses and hands the delivery to the group commit,
+//! answering only after the commit.
 
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, HeaderMap};
 use axum::Json;
 
@@ -19,20 +20,69 @@ use crate::signature::{self, SignatureError};
 /// Largest body accepted, checked before the body is read in full.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
-/// The webhook route handler: every answer is counted by outcome or error code.
+/// A webhook delivery whose signature verified over its raw bytes, before anything parsed them.
+/// The header's own checks (present, well-formed, timestamp within tolerance) run before the body
+/// is read; a refusal is counted here, as the handler never runs.
+pub struct Verified {
+    pub body: Bytes,
+    /// The position of the configured secret that matched.
+    pub secret: usize,
+}
+
+impl FromRequest<Arc<AppState>> for Verified {
+    type Rejection = AppError;
+
+    async fn from_request(request: Request, app: &Arc<AppState>) -> Result<Self, AppError> {
+        let verified = verify(app, request).await;
+        if let Err(e) = &verified {
+            count(app, Err(e));
+        }
+        verified
+    }
+}
+
+async fn verify(app: &AppState, request: Request) -> Result<Verified, AppError> {
+    if app.webhook_secrets.is_empty() {
+        return Err(AppError::WebhooksDisabled);
+    }
+    let (parts, body) = request.into_parts();
+    refuse_declared_oversize(&parts.headers)?;
+    let header = match parts.headers.get(signature::HEADER).map(|v| v.to_str()) {
+        Some(Err(_)) => return Err(SignatureError::Malformed("header is not ASCII text").into()),
+        Some(Ok(text)) => Some(text),
+        None => None,
+    };
+    let now = app.clock.now().millis();
+    let parsed = signature::check_header(header, now, app.tolerance_ms)?;
+    let body = read_limited(body).await?;
+    let secrets: Vec<&[u8]> = app
+        .webhook_secrets
+        .iter()
+        .map(|s| s.expose().as_bytes())
+        .collect();
+    let secret = signature::verify_parsed(&parsed, &body, &secrets)?;
+    Ok(Verified { body, secret })
+}
+
+/// The webhook route handler: parse, store, answer after the commit.
 pub async fn receive(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    delivery: Verified,
 ) -> Result<Json<Receipt>, AppError> {
-    let result = handle(&app, &headers, body).await;
-    let label = match &result {
-        Ok(receipt) => receipt.outcome.as_str(),
+    let result = handle(&app, delivery).await;
+    count(&app, result.as_ref().map(|r| r.outcome.as_str()));
+    result
+}
+
+/// Counts an answer by outcome or error code (and a refused signature by reason).
+fn count(app: &AppState, result: Result<&str, &AppError>) {
+    let label = match result {
+        Ok(outcome) => outcome,
         Err(e) => e.status_and_code().1,
     };
     app.metrics.outcome(label);
     tracing::Span::current().record("outcome", label);
-    if let Err(AppError::Signature(e)) = &result {
+    if let Err(AppError::Signature(e)) = result {
         app.metrics
             .signature_failures
             .get_or_create(&ReasonLabel {
@@ -40,16 +90,10 @@ pub async fn receive(
             })
             .inc();
     }
-    result
 }
 
-async fn handle(
-    app: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Json<Receipt>, AppError> {
-    let body = read_limited(headers, body).await?;
-    let secret = verify(app, headers, &body)?;
+async fn handle(app: &AppState, delivery: Verified) -> Result<Json<Receipt>, AppError> {
+    let Verified { body, secret } = delivery;
     app.metrics
         .signature_secret
         .get_or_create(&PositionLabel {
@@ -77,15 +121,20 @@ async fn handle(
     }
 }
 
-/// Refuses a declared length over the limit before reading, then reads at most the limit.
-async fn read_limited(headers: &HeaderMap, body: Body) -> Result<Bytes, AppError> {
+/// Refuses a declared length over the limit before anything is read.
+fn refuse_declared_oversize(headers: &HeaderMap) -> Result<(), AppError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
-        return Err(AppError::PayloadTooLarge(MAX_BODY_BYTES));
+    match declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
+        true => Err(AppError::PayloadTooLarge(MAX_BODY_BYTES)),
+        false => Ok(()),
     }
+}
+
+/// Reads at most the limit.
+async fn read_limited(body: Body) -> Result<Bytes, AppError> {
     axum::body::to_bytes(body, MAX_BODY_BYTES)
         .await
         .map_err(|e| {
@@ -97,29 +146,4 @@ async fn read_limited(headers: &HeaderMap, body: Body) -> Result<Bytes, AppError
                 AppError::BodyUnreadable
             }
         })
-}
-
-/// Verifies the signature header; returns the position of the secret that matched.
-fn verify(app: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<usize, AppError> {
-    if app.webhook_secrets.is_empty() {
-        return Err(AppError::WebhooksDisabled);
-    }
-    let header = match headers.get(signature::HEADER).map(|v| v.to_str()) {
-        Some(Err(_)) => return Err(SignatureError::Malformed("header is not ASCII text").into()),
-        Some(Ok(text)) => Some(text),
-        None => None,
-    };
-    let secrets: Vec<&[u8]> = app
-        .webhook_secrets
-        .iter()
-        .map(|s| s.expose().as_bytes())
-        .collect();
-    let now = app.clock.now().millis();
-    Ok(signature::verify(
-        header,
-        body,
-        &secrets,
-        now,
-        app.tolerance_ms,
-    )?)
 }

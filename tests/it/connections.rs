@@ -207,3 +207,28 @@ async fn shutdown_closes_idle_and_half_sent_connections_at_once() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_or_missing_signature_is_refused_before_the_body_is_read() {
+    let server = start(|_| {}).await;
+    let stale = format!("WorkOS-Signature: t=1, v1={}\r\n", "0".repeat(64));
+    for (what, header) in [("stale", stale.as_str()), ("missing", "")] {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let head = format!(
+            "POST /webhooks/workos HTTP/1.1\r\nHost: rolesync\r\n{header}Content-Length: 100\r\n\r\n{{\"id\":"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        // The other 94 bytes never come: the answer must not wait for them.
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no answer while the body is incomplete"))
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        let expected = match what {
+            "stale" => "HTTP/1.1 401",
+            _ => "HTTP/1.1 400",
+        };
+        assert!(text.starts_with(expected), "{what}: {text}");
+    }
+}
