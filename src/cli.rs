@@ -668,10 +668,10 @@ mod tests {
             Outcome::UnknownRole,
             Outcome::Removed,
         ];
-        let stored = outcomes
-            .map(Outcome::as_str)
-            .into_iter()
-            .chain([crate::ingest::IGNORED, crate::ingest::INVALID]);
+        let stored = outcomes.map(Outcome::as_str).into_iter().chain([
+            crate::domain::Applied::Ignored.as_str(),
+            crate::domain::Applied::Invalid.as_str(),
+        ]);
         for outcome in stored {
             assert!(super::STORED_OUTCOMES.contains(&outcome), "{outcome}");
         }

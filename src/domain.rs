@@ -165,3 +165,28 @@ pub struct HistoryMark {
     pub workos_role_slug: Option<String>,
     pub new_status: Option<String>,
 }
+
+/// What applying one item of a batch came to: a reconcile's outcome, or for a delivery that
+/// reconciles nothing, how the inbox took it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Reconciled(Outcome),
+    /// An event type rolesync does not act on, stored.
+    Ignored,
+    /// A membership event missing or mangling a required field, stored.
+    Invalid,
+    /// An event id the inbox already holds (or that came earlier in the batch); nothing changed.
+    Duplicate,
+}
+
+impl Applied {
+    /// The word of answers and of `webhook_events.outcome`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reconciled(outcome) => outcome.as_str(),
+            Self::Ignored => "ignored",
+            Self::Invalid => "invalid",
+            Self::Duplicate => "duplicate",
+        }
+    }
+}

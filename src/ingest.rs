@@ -5,18 +5,16 @@
 pub mod batcher;
 pub mod event;
 
-use std::collections::HashMap;
-
 use serde::Serialize;
 
-use crate::db::inbox::InboxRow;
 use sqlx::AnyConnection;
 
 use crate::db::pg_writer::PgStore;
 use crate::db::sqlite_writer::SqliteWriter;
 use crate::db::store::{BatchStore, SqlxStore};
-use crate::db::{Db, DbError, Key};
-use crate::reconcile::{self, Observation, Source};
+use crate::db::{Db, DbError};
+use crate::domain::Applied;
+use crate::reconcile::{self, Item, Observation, Source};
 use crate::timestamp::Timestamp;
 use event::{classify, parse_envelope, EventKind, PayloadError};
 use sqlx::{Connection, PgConnection};
@@ -27,15 +25,6 @@ pub struct Receipt {
     pub event_id: String,
     pub outcome: String,
 }
-
-/// Outcome stored for a membership event missing a required field.
-pub const INVALID: &str = "invalid";
-/// Outcome of an event type rolesync does not act on.
-pub const IGNORED: &str = "ignored";
-/// Outcome of an event id already in the inbox.
-pub const DUPLICATE: &str = "duplicate";
-/// Placeholder of a membership event until its reconcile decides (never stored).
-const PENDING: &str = "pending";
 
 /// A verified, parsed delivery, ready to store.
 #[derive(Debug, Clone)]
@@ -68,12 +57,17 @@ impl Incoming {
         }
     }
 
-    /// The outcome of a delivery that needs no reconcile.
-    fn settled_outcome(&self) -> &'static str {
-        match self.kind {
-            EventKind::Membership(_) => PENDING,
-            EventKind::Invalid(_) => INVALID,
-            EventKind::Other => IGNORED,
+    /// The delivery as an item of a batch ([`reconcile::apply`]).
+    pub fn item(&self) -> Item<'_> {
+        Item::Delivered {
+            event_id: &self.event_id,
+            event_type: &self.event_type,
+            payload: &self.payload,
+            observation: self.observation(),
+            settled: match self.kind {
+                EventKind::Invalid(_) => Applied::Invalid,
+                _ => Applied::Ignored,
+            },
         }
     }
 }
@@ -174,78 +168,21 @@ pub async fn deliver_batch_in(
     deliver_into(&mut SqlxStore { conn, db }, batch, now).await
 }
 
-/// [`deliver_batch`] inside any [`BatchStore`]'s transaction.
+/// [`deliver_batch`] inside any [`BatchStore`]'s transaction: [`reconcile::apply`] with the
+/// deliveries as items.
 async fn deliver_into<S: BatchStore>(
     store: &mut S,
     batch: &[Incoming],
     now: Timestamp,
 ) -> Result<Vec<Receipt>, DbError> {
-    let first = first_occurrences(batch);
-    // Lock first, then look for duplicates: a concurrent batch (another committer or replica)
-    // holding the same event holds its membership's lock, so once we have it that batch has
-    // committed and its event id is visible here.
-    let all: Vec<&Observation> = first
-        .iter()
-        .filter_map(|&i| batch[i].observation())
-        .collect();
-    let keys = reconcile::sorted_keys(&all);
-    let keys: Vec<&Key> = keys.iter().collect();
-    store.lock_memberships(&keys).await?;
-    let ids: Vec<&str> = first.iter().map(|&i| batch[i].event_id.as_str()).collect();
-    let mut snapshot = store.read(&ids, &keys).await?;
-    let known = std::mem::take(&mut snapshot.known_events);
-    let fresh: Vec<usize> = first
-        .into_iter()
-        .filter(|&i| !known.contains(&batch[i].event_id))
-        .collect();
-    let members: Vec<(usize, &Observation)> = fresh
-        .iter()
-        .filter_map(|&i| Some((i, batch[i].observation()?)))
-        .collect();
-    let observations: Vec<&Observation> = members.iter().map(|(_, o)| *o).collect();
-    let plan = reconcile::plan_with(store, snapshot, &observations, now).await?;
-    let outcomes = &plan.outcomes;
-    let mut answers: HashMap<usize, &str> = fresh
-        .iter()
-        .map(|&i| (i, batch[i].settled_outcome()))
-        .collect();
-    answers.extend(
-        members
-            .iter()
-            .zip(outcomes)
-            .map(|((i, _), o)| (*i, o.as_str())),
-    );
-    let mut rows: Vec<InboxRow> = fresh
-        .iter()
-        .map(|&i| InboxRow {
-            event_id: &batch[i].event_id,
-            event_type: &batch[i].event_type,
-            payload: &batch[i].payload,
-            outcome: answers[&i],
-        })
-        .collect();
-    // Events of no membership take no lock above, so two replicas can hold the same ids; inserted in
-    // one order (by id), the second waits for the first instead of deadlocking with it.
-    rows.sort_unstable_by_key(|r| r.event_id);
-    let inserted = store.write(&plan.writes(), &rows, now).await?;
-    if inserted != rows.len() as u64 {
-        // Another transaction (another replica) stored one of these ids since the read above.
-        return Err(DbError::Conflict);
-    }
+    let items: Vec<Item> = batch.iter().map(Incoming::item).collect();
+    let applied = reconcile::apply(store, &items, now).await?;
     Ok(batch
         .iter()
-        .enumerate()
-        .map(|(i, d)| Receipt {
+        .zip(applied)
+        .map(|(d, a)| Receipt {
             event_id: d.event_id.clone(),
-            outcome: answers.get(&i).unwrap_or(&DUPLICATE).to_string(),
+            outcome: a.as_str().to_owned(),
         })
         .collect())
-}
-
-/// Indexes of the first delivery of each event id, in order.
-fn first_occurrences(batch: &[Incoming]) -> Vec<usize> {
-    let mut seen = std::collections::HashSet::with_capacity(batch.len());
-    (0..batch.len())
-        .filter(|&i| seen.insert(batch[i].event_id.as_str()))
-        .collect()
 }

@@ -4,13 +4,14 @@ use sqlx::AnyConnection;
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::db::inbox::InboxRow;
 use crate::db::store::{BatchStore, Snapshot, SqlxStore, Writes};
 use crate::db::{self, Db, DbError, Key};
 use crate::timestamp::Timestamp;
 
 pub use crate::domain::{
-    check_id, AuditEntry, HistoryMark, Membership, Observation, Outcome, Source, ACTIVE, DELETED,
-    MAX_ID_LEN, MAX_VERSION_AHEAD_MS,
+    check_id, Applied, AuditEntry, HistoryMark, Membership, Observation, Outcome, Source, ACTIVE,
+    DELETED, MAX_ID_LEN, MAX_VERSION_AHEAD_MS,
 };
 
 /// The deletion a path infers when WorkOS no longer lists a membership (a login that finds none, a
@@ -336,21 +337,132 @@ pub async fn reconcile_batch(
     reconcile_in(&mut SqlxStore { conn, db }, observations, now).await
 }
 
-/// [`reconcile_batch`] in any [`BatchStore`]'s transaction: takes the locks of every membership the
-/// observations touch (one statement on PostgreSQL; on SQLite the write transaction already excludes
-/// other writers), reads them, runs the rules and writes the plan.
+/// [`reconcile_batch`] in any [`BatchStore`]'s transaction: [`apply`] with observations only.
 pub async fn reconcile_in<S: BatchStore>(
     store: &mut S,
     observations: &[&Observation],
     now: Timestamp,
 ) -> Result<Vec<Outcome>, DbError> {
-    let keys = sorted_keys(observations);
+    let items: Vec<Item> = observations.iter().map(|o| Item::Observed(o)).collect();
+    let applied = apply(store, &items, now).await?;
+    Ok(applied
+        .into_iter()
+        .map(|a| match a {
+            Applied::Reconciled(outcome) => outcome,
+            // An observation is always reconciled; the other words belong to deliveries.
+            _ => Outcome::Unchanged,
+        })
+        .collect())
+}
+
+/// One item of a batch: an observation a path made, or a delivery for the inbox with the
+/// observation of its membership event (none for another event type or an invalid one).
+#[derive(Debug, Clone, Copy)]
+pub enum Item<'a> {
+    Observed(&'a Observation),
+    Delivered {
+        event_id: &'a str,
+        event_type: &'a str,
+        payload: &'a str,
+        observation: Option<&'a Observation>,
+        /// How the inbox takes it when there is no observation (ignored or invalid).
+        settled: Applied,
+    },
+}
+
+impl<'a> Item<'a> {
+    fn observation(&self) -> Option<&'a Observation> {
+        match *self {
+            Self::Observed(obs) => Some(obs),
+            Self::Delivered { observation, .. } => observation,
+        }
+    }
+
+    fn event_id(&self) -> Option<&'a str> {
+        match *self {
+            Self::Observed(_) => None,
+            Self::Delivered { event_id, .. } => Some(event_id),
+        }
+    }
+}
+
+/// The one write path of every healing path: in the caller's write transaction, locks every
+/// membership the items touch (sorted), reads them with the inbox's ids and the known roles, runs
+/// the rules over the observations in order ([`plan_with`]), and writes the plan and the new
+/// deliveries. A delivery whose event id the inbox holds, or that came earlier in the batch, is
+/// [`Applied::Duplicate`] and changes nothing. Answers come back in item order.
+pub async fn apply<S: BatchStore>(
+    store: &mut S,
+    items: &[Item<'_>],
+    now: Timestamp,
+) -> Result<Vec<Applied>, DbError> {
+    let first = first_occurrences(items);
+    // Lock first, then look for duplicates: a concurrent batch (another committer or replica)
+    // holding the same event holds its membership's lock, so once we have it that batch has
+    // committed and its event id is visible here.
+    let all: Vec<&Observation> = first
+        .iter()
+        .filter_map(|&i| items[i].observation())
+        .collect();
+    let keys = sorted_keys(&all);
     let keys: Vec<&Key> = keys.iter().collect();
     store.lock_memberships(&keys).await?;
-    let snapshot = store.read(&[], &keys).await?;
-    let plan = plan_with(store, snapshot, observations, now).await?;
-    store.write(&plan.writes(), &[], now).await?;
-    Ok(plan.outcomes)
+    let ids: Vec<&str> = first.iter().filter_map(|&i| items[i].event_id()).collect();
+    let mut snapshot = store.read(&ids, &keys).await?;
+    let known = std::mem::take(&mut snapshot.known_events);
+    let fresh: Vec<usize> = first
+        .into_iter()
+        .filter(|&i| items[i].event_id().is_none_or(|id| !known.contains(id)))
+        .collect();
+    let members: Vec<(usize, &Observation)> = fresh
+        .iter()
+        .filter_map(|&i| Some((i, items[i].observation()?)))
+        .collect();
+    let observations: Vec<&Observation> = members.iter().map(|(_, o)| *o).collect();
+    let plan = plan_with(store, snapshot, &observations, now).await?;
+    let mut answers = vec![Applied::Duplicate; items.len()];
+    for &i in &fresh {
+        if let Item::Delivered { settled, .. } = items[i] {
+            answers[i] = settled;
+        }
+    }
+    for ((i, _), outcome) in members.iter().zip(&plan.outcomes) {
+        answers[*i] = Applied::Reconciled(*outcome);
+    }
+    let mut rows: Vec<InboxRow> = fresh
+        .iter()
+        .filter_map(|&i| match items[i] {
+            Item::Delivered {
+                event_id,
+                event_type,
+                payload,
+                ..
+            } => Some(InboxRow {
+                event_id,
+                event_type,
+                payload,
+                outcome: answers[i].as_str(),
+            }),
+            Item::Observed(_) => None,
+        })
+        .collect();
+    // Events of no membership take no lock above, so two replicas can hold the same ids; inserted in
+    // one order (by id), the second waits for the first instead of deadlocking with it.
+    rows.sort_unstable_by_key(|r| r.event_id);
+    let inserted = store.write(&plan.writes(), &rows, now).await?;
+    if inserted != rows.len() as u64 {
+        // Another transaction (another replica) stored one of these ids since the read above.
+        return Err(DbError::Conflict);
+    }
+    Ok(answers)
+}
+
+/// Indexes of every observation and of the first delivery of each event id, in order.
+fn first_occurrences(items: &[Item<'_>]) -> Vec<usize> {
+    let mut seen = std::collections::HashSet::with_capacity(items.len());
+    (0..items.len())
+        .filter(|&i| items[i].event_id().is_none_or(|id| seen.insert(id)))
+        .collect()
 }
 
 /// The memberships these observations touch, sorted and distinct.
