@@ -365,3 +365,25 @@ fn answer_of(
         workos_error: None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_poisoned_in_flight_map_is_used_as_it_is() {
+        let map: Mutex<HashMap<Key, Flight>> = Mutex::new(HashMap::new());
+        let poisoned = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let _held = map.lock().unwrap();
+                    panic!("a panic while the map is held");
+                })
+                .join()
+        });
+        assert!(poisoned.is_err() && map.is_poisoned());
+        let key: Key = ("org_1".into(), "user_1".into());
+        inflight(&map).entry(key.clone()).or_default();
+        assert!(inflight(&map).contains_key(&key), "logins go on");
+    }
+}
