@@ -1,17 +1,22 @@
-//! Around every route: a request id and span, latency metrics, the inbound per-address limiter
-//! (before any signature work) and a request timeout.
+//! Around every route that does work: a request id and span and a request timeout (tower-http),
+//! the inbound per-address limiter (before any signature work) and latency metrics.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Json, Router};
 use serde_json::json;
-use tracing::Instrument;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+use tracing::Span;
 
 use super::state::AppState;
 use crate::metrics::RouteLabels;
@@ -19,52 +24,118 @@ use crate::metrics::RouteLabels;
 /// Header carrying the request id, taken from the caller when present and echoed back.
 pub const REQUEST_ID: &str = "x-request-id";
 
-/// The outermost layer of the routes that do work.
-pub async fn around(State(app): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let request_id = request_id(request.headers());
-    let route = request
+/// The layers of the routes that do work, outermost first: a caller's unusable request id
+/// dropped, a request id set (tower-http) and echoed, the request span (tower-http's trace), the
+/// limiter and metrics ([`around`]), and the request timeout (tower-http).
+pub fn layered(router: Router<Arc<AppState>>, state: Arc<AppState>) -> Router<Arc<AppState>> {
+    let timeout = state.inbound.timeout;
+    router
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            timeout,
+        ))
+        .layer(axum::middleware::from_fn_with_state(state, around))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_request(())
+                .on_response(finished)
+                .on_failure(()),
+        )
+        .layer(SetRequestIdLayer::x_request_id(FreshId))
+        .layer(axum::middleware::map_request(drop_unusable_request_id))
+}
+
+/// A fresh request id: 16 hex digits.
+#[derive(Clone, Copy)]
+struct FreshId;
+
+impl MakeRequestId for FreshId {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+        let id = format!("{:016x}", fastrand::u64(..));
+        HeaderValue::from_str(&id).ok().map(RequestId::new)
+    }
+}
+
+/// Keeps the caller's request id only when it is short and printable, so that a fresh one is made.
+async fn drop_unusable_request_id(mut request: Request) -> Request {
+    let usable = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic())
+        });
+    if !usable {
+        request.headers_mut().remove(REQUEST_ID);
+    }
+    request
+}
+
+/// The `request` span every log line of a request carries.
+fn request_span<B>(request: &axum::http::Request<B>) -> Span {
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    tracing::info_span!("request", request_id = %request_id, method = %method_label(request.method()),
+        route = %route_label(request), event_id = tracing::field::Empty,
+        organization_id = tracing::field::Empty, user_id = tracing::field::Empty,
+        outcome = tracing::field::Empty, status = tracing::field::Empty)
+}
+
+fn finished<B>(response: &axum::http::Response<B>, latency: Duration, span: &Span) {
+    let status = response.status().as_u16();
+    span.record("status", status);
+    let elapsed_ms = latency.as_secs_f64() * 1000.0;
+    span.in_scope(|| tracing::debug!(status, elapsed_ms, "request finished"));
+}
+
+/// The matched route, or `unmatched`.
+fn route_label<B>(request: &axum::http::Request<B>) -> &str {
+    request
         .extensions()
         .get::<MatchedPath>()
         .map_or("unmatched", |p| p.as_str())
-        .to_owned();
+}
+
+/// The inbound limiter, before any signature work, and the latency metrics; a request the timeout
+/// layer cut off gets its JSON answer here.
+pub async fn around(State(app): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = route_label(&request).to_owned();
     let method = method_label(request.method());
-    let span = tracing::info_span!("request", request_id = %request_id, %method, %route,
-        event_id = tracing::field::Empty, organization_id = tracing::field::Empty,
-        user_id = tracing::field::Empty, outcome = tracing::field::Empty, status = tracing::field::Empty);
-    let mut response = async {
-        let peer = request
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip());
-        let client = app.inbound.client_address(peer, request.headers());
-        if let Err(wait) = app.inbound.check(client) {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let client = app.inbound.client_address(peer, request.headers());
+    let response = match app.inbound.check(client) {
+        Err(wait) => {
             app.metrics.limited("inbound");
-            return too_many_requests(wait);
+            too_many_requests(wait)
         }
-        match tokio::time::timeout(app.inbound.timeout, next.run(request)).await {
-            Ok(response) => response,
-            Err(_) => timed_out(),
+        Ok(()) => {
+            let response = next.run(request).await;
+            // Every answer of rolesync's own is JSON; a bare 503 is the timeout layer's.
+            let bare = response.headers().get(header::CONTENT_TYPE).is_none();
+            match response.status() == StatusCode::SERVICE_UNAVAILABLE && bare {
+                true => timed_out(),
+                false => response,
+            }
         }
-    }
-    .instrument(span.clone())
-    .await;
-    let status = response.status().as_u16();
-    span.record("status", status);
-    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-    span.in_scope(|| tracing::debug!(status, elapsed_ms, "request finished"));
+    };
     let labels = RouteLabels {
         route,
         method: method.to_owned(),
-        status: status.to_string(),
+        status: response.status().as_u16().to_string(),
     };
     app.metrics
         .request_duration
         .get_or_create(&labels)
         .observe(started.elapsed().as_secs_f64());
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert(REQUEST_ID, value);
-    }
     response
 }
 
@@ -89,15 +160,6 @@ fn method_label(method: &Method) -> &'static str {
         .map_or("other", |known| known.as_str())
 }
 
-/// The caller's request id when it is short and printable, else a fresh one.
-fn request_id(headers: &HeaderMap) -> String {
-    headers
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(|| format!("{:016x}", fastrand::u64(..)), str::to_owned)
-}
-
 fn too_many_requests(wait: Duration) -> Response {
     let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     let body = json!({"error": "rate_limited", "message": "too many requests from this address"});
@@ -112,22 +174,4 @@ fn timed_out() -> Response {
     tracing::warn!("request timed out");
     let body = json!({"error": "request_timeout", "message": "the request took too long; retry"});
     (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_request_id_is_kept_or_made() {
-        let mut headers = HeaderMap::new();
-        headers.insert(REQUEST_ID, "abc-123".parse().unwrap());
-        assert_eq!(request_id(&headers), "abc-123");
-        headers.insert(REQUEST_ID, "has space".parse().unwrap());
-        assert_eq!(
-            request_id(&headers).len(),
-            16,
-            "an unprintable id is replaced"
-        );
-    }
 }

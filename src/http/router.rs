@@ -22,11 +22,8 @@ pub fn build_router(state: Arc<AppState>) -> Router {
             "/v1/memberships/{organization_id}/{user_id}",
             get(login::get_membership),
         )
-        .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            middleware::around,
-        ));
+        .fallback(not_found);
+    let work = middleware::layered(work, state.clone());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

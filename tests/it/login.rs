@@ -153,6 +153,23 @@ both! {
         assert_eq!(audit_count(&t.db).await, 0, "no audit row");
     }
 
+    async fn a_request_over_the_request_timeout_is_answered_503_request_timeout_in_json(t) {
+        let fake = FakeWorkos::start().await;
+        let url = fake.url.clone();
+        let app = TestApp::with_config(&t.db, move |c| {
+            c.api_base_url = url.parse().unwrap();
+            c.api_key = Some("sk_test_key".parse().unwrap());
+            c.login_token = Some(TOKEN.parse().unwrap());
+            c.login_budget_ms = 10_000;
+            c.request_timeout_secs = 1;
+        });
+        fake.always(found("user_1", "admin", "active", 1).delayed(Duration::from_secs(4)));
+        let started = Instant::now();
+        let (status, answer) = app.login("user_1").await;
+        assert_eq!((status, answer["error"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("request_timeout")), "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(3), "cut at the timeout: {:?}", started.elapsed());
+    }
+
     async fn a_login_against_an_environment_without_the_organization_changes_nothing(t) {
         let fake = FakeWorkos::start().await;
         let app = login_app(&t.db, &fake, 1500);

@@ -278,8 +278,15 @@ both! {
         let with_id = Request::post("/webhooks/workos").header("x-request-id", "abc-123").body(Body::empty()).unwrap();
         let response = router.clone().oneshot(with_id).await.unwrap();
         assert_eq!(response.headers()["x-request-id"], "abc-123");
-        let response = router.oneshot(Request::post("/webhooks/workos").body(Body::empty()).unwrap()).await.unwrap();
+        let response = router.clone().oneshot(Request::post("/webhooks/workos").body(Body::empty()).unwrap()).await.unwrap();
         assert_eq!(response.headers()["x-request-id"].len(), 16, "a fresh id");
+        for unusable in ["has space".to_owned(), "x".repeat(129)] {
+            let request = Request::post("/webhooks/workos").header("x-request-id", unusable.as_str()).body(Body::empty()).unwrap();
+            let response = router.clone().oneshot(request).await.unwrap();
+            assert_eq!(response.headers()["x-request-id"].len(), 16, "{unusable:?} is replaced by a fresh id");
+        }
+        let missing = router.oneshot(Request::get("/nowhere").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(missing.headers()["x-request-id"].len(), 16, "an unmatched path gets one too");
     }
 
     async fn the_inbound_limiter_answers_429_with_retry_after(t) {
