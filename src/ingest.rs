@@ -11,7 +11,8 @@ use sqlx::AnyConnection;
 
 use crate::db::pg_writer::PgStore;
 use crate::db::sqlite_writer::SqliteWriter;
-use crate::db::store::{BatchStore, SqlxStore};
+use crate::db::sqlx_store::SqlxStore;
+use crate::db::store::BatchStore;
 use crate::db::{Db, DbError};
 use crate::domain::Applied;
 use crate::reconcile::{self, Item, Observation, Source};

@@ -5,7 +5,8 @@ use sqlx::AnyConnection;
 use std::collections::{BTreeMap, HashMap};
 
 use crate::db::inbox::InboxRow;
-use crate::db::store::{BatchStore, Snapshot, SqlxStore, Writes};
+use crate::db::sqlx_store::SqlxStore;
+use crate::db::store::{BatchStore, Snapshot, Writes};
 use crate::db::{self, Db, DbError, Key};
 use crate::timestamp::Timestamp;
 

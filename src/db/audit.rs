@@ -5,7 +5,7 @@ use sqlx::{Any, Executor, Row};
 
 use std::collections::HashMap;
 
-use super::{Backend, DbError};
+use super::base::{Backend, DbError};
 use crate::domain::{AuditEntry, HistoryMark};
 use crate::timestamp::Timestamp;
 
@@ -117,7 +117,7 @@ pub async fn as_of_many<'c>(
     let mut out = HashMap::with_capacity(points.len());
     for row in query.fetch_all(conn).await? {
         let timestamp = |column: &str| -> Result<Timestamp, DbError> {
-            super::decode_timestamp(row.try_get(column)?)
+            super::base::decode_timestamp(row.try_get(column)?)
         };
         let point = (
             row.try_get("organization_id")?,

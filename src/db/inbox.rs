@@ -4,7 +4,7 @@ use sqlx::{Any, Executor};
 
 use std::collections::HashSet;
 
-use super::{Backend, DbError};
+use super::base::{Backend, DbError};
 use crate::timestamp::Timestamp;
 
 /// A delivery to record.

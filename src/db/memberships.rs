@@ -4,7 +4,7 @@ use sqlx::{Any, Executor};
 
 use std::collections::HashMap;
 
-use super::{Backend, DbError, Key};
+use super::base::{Backend, DbError, Key};
 use crate::domain::Membership;
 use crate::timestamp::Timestamp;
 

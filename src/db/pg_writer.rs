@@ -10,9 +10,10 @@ use std::sync::LazyLock;
 
 use sqlx::{PgConnection, Row};
 
+use super::base::{decode_timestamp, lock_names, DbError, Key};
 use super::inbox::InboxRow;
 use super::store::{BatchStore, Snapshot, TrailPoint, Writes};
-use super::{audit, decode_timestamp, inbox, lock_names, memberships, DbError, Key};
+use super::{audit, inbox, memberships};
 use crate::domain::{HistoryMark, Membership};
 use crate::timestamp::Timestamp;
 

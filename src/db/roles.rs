@@ -2,7 +2,7 @@
 
 use sqlx::{Any, Executor};
 
-use super::DbError;
+use super::base::DbError;
 use crate::timestamp::Timestamp;
 
 /// Every known slug, sorted.

@@ -15,9 +15,10 @@ use std::time::Duration;
 use rusqlite::types::Type;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row};
 
+use super::base::{Backend, DbError, Key, SQLITE_PRAGMAS};
 use super::inbox::InboxRow;
 use super::store::{BatchStore, Snapshot, TrailPoint, Writes};
-use super::{audit, inbox, memberships, Backend, DbError, Key, SQLITE_PRAGMAS};
+use super::{audit, inbox, memberships};
 use crate::domain::{AuditEntry, HistoryMark, Membership};
 use crate::timestamp::Timestamp;
 
@@ -54,7 +55,7 @@ pub struct SqliteWriter {
 }
 
 impl SqliteWriter {
-    /// Opens `file` (which [`super::Db::connect`] has created and migrated) with the pool's pragmas.
+    /// Opens `file` (which [`super::pool::Db::connect`] has created and migrated) with the pool's pragmas.
     pub fn open(file: &Path, checkpointer: Option<Arc<Checkpointer>>) -> Result<Self, DbError> {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(file, flags)?;

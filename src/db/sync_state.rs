@@ -2,7 +2,8 @@
 
 use sqlx::{Any, AnyConnection, Connection, Executor};
 
-use super::{Backend, Db, DbError};
+use super::base::{Backend, DbError};
+use super::pool::Db;
 use crate::timestamp::Timestamp;
 
 /// The cursor of a catch-up stream; `None` before its first event.
@@ -39,24 +40,6 @@ pub async fn advance<'c>(
     }
     let done = query.execute(conn).await?;
     Ok(done.rows_affected() == 1)
-}
-
-/// Sets the `updated_at` of the row `name` (no cursor), creating it: a write that any healthy
-/// database takes, for readiness probes.
-pub async fn advance_unchecked<'c>(
-    conn: impl Executor<'c, Database = Any>,
-    name: &str,
-    now: Timestamp,
-) -> Result<(), DbError> {
-    sqlx::query(
-        "INSERT INTO sync_state (name, cursor, updated_at) VALUES ($1, NULL, $2) \
-         ON CONFLICT (name) DO UPDATE SET updated_at = excluded.updated_at",
-    )
-    .bind(name)
-    .bind(now.to_string())
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// Held while one process syncs. On PostgreSQL a session advisory lock on a dedicated connection;
