@@ -17,7 +17,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
@@ -167,6 +167,8 @@ impl Connection {
                         return;
                     }
                 }
+                // A request ended: the idle (or next header) deadline starts from now.
+                () = activity.ended.notified() => {}
                 changed = self.stopped.changed(), if !stopping => {
                     stopping = changed.is_err() || *self.stopped.borrow();
                     if stopping {
@@ -195,6 +197,8 @@ struct Activity {
     head_since: AtomicU64,
     /// Milliseconds from `started` when the last request ended.
     idle_since: AtomicU64,
+    /// Woken when a request ends, so that the connection's loop computes its next deadline.
+    ended: Notify,
 }
 
 const NOT_WAITING: u64 = u64::MAX;
@@ -207,6 +211,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             head_since: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
+            ended: Notify::new(),
         }
     }
 
@@ -257,6 +262,7 @@ impl Drop for InFlight {
             .idle_since
             .store(activity.elapsed_ms(), Ordering::Release);
         activity.in_flight.fetch_sub(1, Ordering::AcqRel);
+        activity.ended.notify_one();
     }
 }
 

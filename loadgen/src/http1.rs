@@ -92,10 +92,17 @@ impl Http1 {
         request.extend_from_slice(body);
         let idle = self.idle.lock().expect("not poisoned").pop();
         let exchange = async {
-            let mut conn = match idle {
-                Some(conn) => conn,
-                None => self.open().await?,
-            };
+            // A kept connection the server closed while it sat idle (its header or idle timeout)
+            // fails before any byte of an answer: the request was never read, so it is sent again on
+            // a new connection, as HTTP clients do.
+            if let Some(mut conn) = idle {
+                match conn.exchange(&request).await {
+                    Ok((answer, keep)) => return anyhow::Ok((answer, keep, conn)),
+                    Err(_) if conn.buf.is_empty() => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let mut conn = self.open().await?;
             let (answer, keep) = conn.exchange(&request).await?;
             anyhow::Ok((answer, keep, conn))
         };

@@ -22,14 +22,16 @@ pub fn build_router(state: Arc<AppState>) -> Router {
             "/v1/memberships/{organization_id}/{user_id}",
             get(login::get_membership),
         )
-        .fallback(not_found);
+        .fallback(not_found)
+        // Set before the layers, so that a 405 passes them too (counted, with a request id).
+        .method_not_allowed_fallback(method_not_allowed);
     let work = middleware::layered(work, state.clone());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .merge(work)
         .method_not_allowed_fallback(method_not_allowed)
+        .merge(work)
         .with_state(state)
 }
 

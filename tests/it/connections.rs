@@ -232,3 +232,37 @@ async fn a_stale_or_missing_signature_is_refused_before_the_body_is_read() {
         assert!(text.starts_with(expected), "{what}: {text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_busy_when_its_header_deadline_passed_is_still_closed_when_idle() {
+    let server = start(|c| {
+        c.header_timeout_secs = 1;
+        c.idle_timeout_secs = 2;
+    })
+    .await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    // A request whose body is held back past the header deadline: it is in flight meanwhile.
+    let body = b"{}";
+    let head = format!(
+        "POST /webhooks/workos HTTP/1.1\r\nHost: rolesync\r\nWorkOS-Signature: t={}, v1={}\r\nContent-Length: {}\r\n\r\n",
+        rolesync::timestamp::Clock::now(&*server.app.clock).millis(),
+        "0".repeat(64),
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stream.write_all(body).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 401"),
+        "a mismatch, answered"
+    );
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(4)).await,
+        "closed after 2 s idle"
+    );
+}

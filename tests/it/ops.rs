@@ -91,6 +91,14 @@ async fn distinct_methods_and_paths_from_any_client_leave_the_exposition_bounded
         "unknown paths are counted as unmatched"
     );
     assert!(
+        text.contains(r#"route="/webhooks/workos",method="other",status="405""#),
+        "a 405 on a route is counted: {}",
+        text.lines()
+            .filter(|l| l.contains("405"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
         !text.contains("XXXX") && !text.contains("pppp"),
         "no label holds what the client sent"
     );
