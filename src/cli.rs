@@ -223,7 +223,7 @@ fn settings_used(command: &str) -> Option<Vec<&'static str>> {
 
 /// The command line: [`Cli`] with each subcommand's `--help` limited to the settings it uses.
 pub fn command() -> clap::Command {
-    let cli = Cli::command();
+    let cli = negative_numbers_as_values(Cli::command());
     let globals: Vec<clap::Arg> = cli
         .get_arguments()
         .filter(|a| a.is_global_set())
@@ -258,6 +258,22 @@ where
     Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut command))
 }
 
+/// Lets every argument take a negative number as its value, so that `--limit -1` is refused by
+/// the argument's own range check, naming it, rather than read as an unknown flag `-1`.
+fn negative_numbers_as_values(command: clap::Command) -> clap::Command {
+    let names: Vec<String> = command
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    let command = command.mut_args(|a| match a.get_action().takes_values() {
+        true => a.allow_negative_numbers(true),
+        false => a,
+    });
+    names.iter().fold(command, |command, name| {
+        command.mut_subcommand(name, negative_numbers_as_values)
+    })
+}
+
 /// The longest usage error line printed.
 const MAX_USAGE_LINE: usize = 300;
 
@@ -282,6 +298,14 @@ pub fn usage_line(error: &clap::Error) -> String {
     // "the following required arguments were not provided:" names them on the next line.
     if let Some(next) = lines.next().filter(|_| line.ends_with(':')) {
         line = format!("{line} {next}");
+    }
+    // "[possible values: a, b]" stands on a later line of clap's text.
+    if let Some(values) = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("[possible values:"))
+    {
+        line = format!("{line} {values}");
     }
     match line.chars().count() > MAX_USAGE_LINE {
         true => line.chars().take(MAX_USAGE_LINE - 1).chain(['…']).collect(),
@@ -408,7 +432,10 @@ async fn migrate(config: &Config) -> Result<()> {
 
 async fn serve(config: Config) -> Result<()> {
     if config.webhook_secret.is_none() {
-        bail!("WORKOS_WEBHOOK_SECRET: not set; serve needs it to verify webhook deliveries");
+        return Err(crate::output::MissingSetting(
+            "WORKOS_WEBHOOK_SECRET: not set; serve needs it to verify webhook deliveries".into(),
+        )
+        .into());
     }
     match server::raise_open_file_limit() {
         Ok(limit) if limit < u64::from(config.max_connections) + 64 => tracing::warn!(
@@ -444,7 +471,10 @@ async fn serve(config: Config) -> Result<()> {
 
 async fn reconcile_now(config: Config, user: &str, org: &str) -> Result<ExitCode> {
     if config.api_key.is_none() {
-        bail!("WORKOS_API_KEY: not set; reconcile fetches the membership from WorkOS");
+        return Err(crate::output::MissingSetting(
+            "WORKOS_API_KEY: not set; reconcile fetches the membership from WorkOS".into(),
+        )
+        .into());
     }
     let db = open_migrated(&config).await?;
     let metrics = Arc::new(Metrics::new());
@@ -460,7 +490,10 @@ async fn reconcile_now(config: Config, user: &str, org: &str) -> Result<ExitCode
 
 fn workos_client(config: &Config, metrics: Arc<Metrics>) -> Result<WorkosClient> {
     if config.api_key.is_none() {
-        bail!("WORKOS_API_KEY: not set; this command reads the WorkOS API");
+        return Err(crate::output::MissingSetting(
+            "WORKOS_API_KEY: not set; this command reads the WorkOS API".into(),
+        )
+        .into());
     }
     Ok(WorkosClient::new(
         &config.api_base_url.0,

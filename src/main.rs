@@ -31,6 +31,10 @@ async fn main() -> ExitCode {
     match cli::run(cli).await {
         Ok(code) => code,
         Err(e) if rolesync::output::is_closed_stdout(&e) => ExitCode::SUCCESS,
+        Err(e) if rolesync::output::is_usage_error(&e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE

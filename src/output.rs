@@ -24,3 +24,13 @@ pub fn emit(text: &str) -> Result<()> {
 pub fn is_closed_stdout(error: &anyhow::Error) -> bool {
     error.downcast_ref::<ClosedStdout>().is_some()
 }
+
+/// A setting a command needs is missing: a usage error (exit status 2), like a bad value.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct MissingSetting(pub String);
+
+/// Whether a command stopped for a missing setting.
+pub fn is_usage_error(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<MissingSetting>().is_some()
+}

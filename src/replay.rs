@@ -126,7 +126,10 @@ pub async fn run(
     timeout: Duration,
 ) -> Result<ExitCode> {
     let Some(secret) = config.webhook_secret.as_ref().and_then(|s| s.0.first()) else {
-        bail!("WORKOS_WEBHOOK_SECRET: not set; replay signs with the first secret");
+        return Err(crate::output::MissingSetting(
+            "WORKOS_WEBHOOK_SECRET: not set; replay signs with the first secret".into(),
+        )
+        .into());
     };
     let deliveries = load(paths)?;
     let client = reqwest::Client::builder()

@@ -447,6 +447,31 @@ fn settings_out_of_range_or_blank_are_refused_with_one_line_naming_the_variable(
         0,
         "nothing created"
     );
+    // A setting a command needs and nobody set is a usage error too.
+    let missing: [(&[&str], &str); 3] = [
+        (&["serve"], "WORKOS_WEBHOOK_SECRET"),
+        (&["replay", "fixtures/workos"], "WORKOS_WEBHOOK_SECRET"),
+        (&["sync"], "WORKOS_API_KEY"),
+    ];
+    for (args, variable) in missing {
+        let envs = [("DATABASE_URL", url.as_str())];
+        rolesync(args, &envs).refused(2, &[variable], &format!("{args:?} without {variable}"));
+    }
+    let envs = [("DATABASE_URL", url.as_str())];
+    rolesync(&["roles", "list", "--db-max-connections", "-1"], &envs).refused(
+        2,
+        &["--db-max-connections", "-1"],
+        "a negative number names its option",
+    );
+    let envs = [
+        ("DATABASE_URL", url.as_str()),
+        ("ROLESYNC_LOG_FORMAT", "xml"),
+    ];
+    rolesync(&["roles", "list"], &envs).refused(
+        2,
+        &["ROLESYNC_LOG_FORMAT", "json", "pretty"],
+        "the possible values are named",
+    );
 }
 
 /// `.env.example` says "copy to .env and export": done as it stands, every command still runs.
