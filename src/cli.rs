@@ -213,7 +213,7 @@ fn settings_used(command: &str) -> Option<Vec<&'static str>> {
     match command {
         "migrate" | "roles" | "audit" | "prune" => {}
         "reconcile" => used.extend(workos.iter().chain(&["login_budget_ms"])),
-        "sync" => used.extend(workos.iter().chain(&["sync_lookback"])),
+        "sync" => used.extend(workos.iter().chain(&["sync_lookback", "sync_settle_secs"])),
         "resync" => used.extend(workos),
         "replay" => used.extend(["webhook_secret", "listen"]),
         _ => return None,
@@ -514,6 +514,7 @@ fn syncer(config: &Config, state: &AppState) -> Option<(Syncer, Duration)> {
         clock: state.clock.clone(),
         metrics: state.metrics.clone(),
         lookback: config.sync_lookback,
+        settle: Duration::from_secs(config.sync_settle_secs),
     };
     Some((syncer, interval))
 }
@@ -527,6 +528,7 @@ async fn sync_once(config: &Config) -> Result<()> {
         clock: Arc::new(SystemClock),
         metrics,
         lookback: config.sync_lookback,
+        settle: Duration::from_secs(config.sync_settle_secs),
     };
     let report = syncer.run_once().await?;
     let outcomes: Vec<String> = report

@@ -452,6 +452,17 @@ pub struct Config {
     #[arg(long, env = "ROLESYNC_SYNC_LOOKBACK", value_name = "ROLESYNC_SYNC_LOOKBACK", default_value = "3d", value_parser = parse_lookback, global = true)]
     pub sync_lookback: Duration,
 
+    /// Seconds an Events API event must be old before the catch-up cursor moves past it (WorkOS may show new events late)
+    #[arg(
+        long,
+        env = "ROLESYNC_SYNC_SETTLE_SECS",
+        value_name = "ROLESYNC_SYNC_SETTLE_SECS",
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(..=3600),
+        global = true
+    )]
+    pub sync_settle_secs: u64,
+
     /// Database connections in the pool
     #[arg(
         long,

@@ -81,6 +81,9 @@ pub struct Metrics {
     pub batch_size: Histogram,
     pub healed: Family<PathOutcomeLabels, Counter>,
     pub sync_cursor_lag_seconds: Gauge,
+    pub sync_failed_passes: Counter,
+    /// Catch-up passes that failed in a row (0 after one that did not).
+    pub sync_consecutive_failures: Gauge,
 }
 
 impl Default for Metrics {
@@ -106,6 +109,8 @@ impl Metrics {
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             healed: Family::default(),
             sync_cursor_lag_seconds: Gauge::default(),
+            sync_failed_passes: Counter::default(),
+            sync_consecutive_failures: Gauge::default(),
         };
         m.register();
         m
@@ -173,6 +178,16 @@ impl Metrics {
             "Age of the newest event applied by the Events API catch-up",
             self.sync_cursor_lag_seconds.clone(),
         );
+        r.register(
+            "rolesync_sync_failed_passes",
+            "Events API catch-up passes that failed",
+            self.sync_failed_passes.clone(),
+        );
+        r.register(
+            "rolesync_sync_consecutive_failures",
+            "Events API catch-up passes that failed in a row",
+            self.sync_consecutive_failures.clone(),
+        );
     }
 
     /// The exposition in Prometheus text format.
@@ -190,6 +205,14 @@ impl Metrics {
                 outcome: outcome.to_owned(),
             })
             .inc();
+    }
+
+    /// Catch-up passes failed in a row after which `/readyz` reports the catch-up as failing.
+    pub const SYNC_FAILURES_REPORTED: i64 = 3;
+
+    /// Whether the catch-up has failed [`Self::SYNC_FAILURES_REPORTED`] passes in a row.
+    pub fn catch_up_failing(&self) -> bool {
+        self.sync_consecutive_failures.get() >= Self::SYNC_FAILURES_REPORTED
     }
 
     /// Counts a limiter refusal.

@@ -25,6 +25,27 @@ const PAGE_DEADLINE: Duration = Duration::from_secs(30);
 /// Retries of a page's transaction after a transient storage failure.
 const TRANSIENT_RETRIES: usize = 3;
 
+/// How far a page moved the cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    /// To its last event (or another process had moved it: the page is read again).
+    Whole,
+    /// Short of events younger than the settle window.
+    Unsettled,
+    /// Not at all: no event of the page had an id and a type.
+    Unusable,
+}
+
+/// An event's `created_at`; `None` when absent or unreadable (such an event counts as settled).
+fn created_at(event: &str) -> Option<Timestamp> {
+    #[derive(serde::Deserialize)]
+    struct Created {
+        created_at: Option<String>,
+    }
+    let created = serde_json::from_str::<Created>(event).ok()?.created_at?;
+    Timestamp::parse(&created).ok()
+}
+
 /// Why a pass stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -52,6 +73,8 @@ pub struct Syncer {
     pub clock: SharedClock,
     pub metrics: Arc<Metrics>,
     pub lookback: Duration,
+    /// How old an event must be before the cursor moves past it ([`Syncer::apply`]).
+    pub settle: Duration,
 }
 
 impl Syncer {
@@ -66,6 +89,15 @@ impl Syncer {
         };
         let result = self.pages().await;
         lease.release().await;
+        match &result {
+            Ok(_) => {
+                self.metrics.sync_consecutive_failures.set(0);
+            }
+            Err(_) => {
+                self.metrics.sync_failed_passes.inc();
+                self.metrics.sync_consecutive_failures.inc();
+            }
+        }
         result
     }
 
@@ -75,15 +107,23 @@ impl Syncer {
             let cursor = db::sync_state::cursor(self.db.pool(), STREAM).await?;
             let page = self.fetch(cursor.as_deref()).await?;
             let fetched = page.data.len();
-            let usable = fetched == 0
-                || self
-                    .apply(cursor.as_deref(), &page.data, &mut report)
-                    .await?;
+            let applied = match fetched {
+                0 => Applied::Whole,
+                _ => {
+                    self.apply(cursor.as_deref(), &page.data, &mut report)
+                        .await?
+                }
+            };
             let more = page.list_metadata.and_then(|m| m.after).is_some();
             if fetched < PAGE_SIZE && !more || fetched == 0 {
                 return Ok(report);
             }
-            if !usable {
+            if applied == Applied::Unsettled {
+                // The cursor stopped before events too young to trust: the next pass reads on
+                // from there (the inbox answers what this one applied as duplicates).
+                return Ok(report);
+            }
+            if applied == Applied::Unusable {
                 // The cursor could not move: asking again would return this page forever.
                 return Err(WorkosError::Malformed(format!(
                     "{fetched} events after cursor {cursor:?}, none with an id and a type"
@@ -112,15 +152,17 @@ impl Syncer {
             .await
     }
 
-    /// Applies one page and moves the cursor to its last event, in one transaction. A page another
-    /// process already applied (the cursor moved meanwhile) is rolled back and fetched again.
-    /// `false` when the page held no event with an id and a type (the cursor cannot move).
+    /// Applies one page and moves the cursor, in one transaction: to its last event, or, when the
+    /// page ends with events created less than the settle window ago, to the last event before
+    /// them (not at all when none is that old). WorkOS can show a new event late while later ones
+    /// are visible; a cursor past it would skip it for good. A page another process already
+    /// applied (the cursor moved meanwhile) is rolled back and fetched again.
     async fn apply(
         &self,
         cursor: Option<&str>,
         events: &[Box<RawValue>],
         report: &mut SyncReport,
-    ) -> Result<bool, SyncError> {
+    ) -> Result<Applied, SyncError> {
         let now = self.clock.now();
         let batch: Vec<Incoming> = events
             .iter()
@@ -132,10 +174,20 @@ impl Syncer {
                 }
             })
             .collect();
-        let Some(last) = batch.last().map(|i| i.event_id.clone()) else {
-            return Ok(false);
-        };
+        if batch.is_empty() {
+            return Ok(Applied::Unusable);
+        }
         let now = self.clock.now();
+        let settled_before = Timestamp::from_micros(
+            now.micros()
+                .saturating_sub(i64::try_from(self.settle.as_micros()).unwrap_or(i64::MAX)),
+        )
+        .unwrap_or(now);
+        let settled = batch
+            .iter()
+            .take_while(|i| created_at(&i.payload).is_none_or(|at| at <= settled_before))
+            .count();
+        let moved_to = settled.checked_sub(1).map(|i| batch[i].event_id.clone());
         let mut attempt = 0;
         let (mut tx, receipts) = loop {
             let mut tx = self.db.begin_write().await.map_err(SyncError::Db)?;
@@ -151,9 +203,11 @@ impl Syncer {
                 Err(e) => return Err(e.into()),
             }
         };
-        if !db::sync_state::advance(&mut *tx, STREAM, cursor, &last, now).await? {
-            tx.rollback().await.map_err(DbError::from)?;
-            return Ok(true);
+        if let Some(to) = &moved_to {
+            if !db::sync_state::advance(&mut *tx, STREAM, cursor, to, now).await? {
+                tx.rollback().await.map_err(DbError::from)?;
+                return Ok(Applied::Whole);
+            }
         }
         tx.commit().await.map_err(DbError::from)?;
         report.pages += 1;
@@ -167,18 +221,14 @@ impl Syncer {
             *report.outcomes.entry(receipt.outcome).or_default() += 1;
         }
         self.record_lag(events.last().map(|e| &**e), now);
-        Ok(true)
+        Ok(match settled == batch.len() {
+            true => Applied::Whole,
+            false => Applied::Unsettled,
+        })
     }
 
     fn record_lag(&self, last: Option<&RawValue>, now: Timestamp) {
-        #[derive(serde::Deserialize)]
-        struct Created {
-            created_at: Option<String>,
-        }
-        let created = last
-            .and_then(|raw| serde_json::from_str::<Created>(raw.get()).ok())
-            .and_then(|c| c.created_at);
-        if let Some(at) = created.and_then(|c| Timestamp::parse(&c).ok()) {
+        if let Some(at) = last.and_then(|raw| created_at(raw.get())) {
             self.metrics
                 .sync_cursor_lag_seconds
                 .set((now.millis() - at.millis()) / 1000);

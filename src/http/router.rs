@@ -52,11 +52,21 @@ async fn healthz() -> &'static str {
 
 /// The database answers and every migration is applied.
 async fn readyz(State(app): State<Arc<AppState>>) -> Response {
+    // The catch-up is reported beside readiness, not in it: a failing Events API is no reason
+    // to stop sending this process webhooks.
+    let catch_up = match app.metrics.catch_up_failing() {
+        true => "failing",
+        false => "ok",
+    };
     match app.db.check_ready().await {
-        Ok(()) => (StatusCode::OK, Json(json!({"status": "ready"}))).into_response(),
+        Ok(()) => {
+            let body = json!({"status": "ready", "catch_up": catch_up});
+            (StatusCode::OK, Json(body)).into_response()
+        }
         Err(e) => {
             tracing::warn!(error = %e, "not ready");
-            let body = json!({"status": "not_ready", "reason": e.to_string()});
+            let body =
+                json!({"status": "not_ready", "reason": e.to_string(), "catch_up": catch_up});
             (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
         }
     }

@@ -50,7 +50,16 @@ fn syncer(db: &Db, fake: &FakeWorkos) -> Syncer {
         clock: TestClock::at(NOW),
         metrics,
         lookback: Duration::from_secs(3600),
+        settle: Duration::from_secs(30),
     }
+}
+
+/// A membership event as the Events API lists it, created `ago` before the tests' now.
+fn event_created(id: &str, user: &str, version: i64, ago: Duration) -> Value {
+    let mut e = event(id, "created", user, "member", "active", version);
+    let at = Timestamp::from_micros(now().micros() - ago.as_micros() as i64).unwrap();
+    e["created_at"] = Value::String(at.to_string());
+    e
 }
 
 fn workos(fake: &FakeWorkos) -> WorkosClient {
@@ -197,6 +206,50 @@ both! {
         assert_eq!((status, answer["outcome"].as_str()), (StatusCode::OK, Some("duplicate")), "{answer}");
         assert_eq!((inbox_count(&t.db).await, audit_count(&t.db).await), (1, 1), "one inbox row, one audit row");
         assert_eq!(audit_of(&t.db, "org_1", "user_1").await[0].source, "events");
+    }
+
+    async fn an_event_shown_late_is_applied_because_the_cursor_waits_for_the_settle_window(t) {
+        let fake = FakeWorkos::start().await;
+        let old = Duration::from_secs(3600);
+        let young = Duration::from_secs(5);
+        // Pass 1: evt_0002 (5 s old) is visible; evt_0001, older by a few seconds, not yet.
+        fake.script([page(vec![event_created("evt_0000", "user_1", 1, old), event_created("evt_0002", "user_3", 1, young)], None)]);
+        let report = syncer(&t.db, &fake).run_once().await.unwrap();
+        assert_eq!(report.events, 2, "both visible events are applied: {report:?}");
+        assert_eq!(cursor(&t.db).await.as_deref(), Some("evt_0000"), "the cursor stops before the unsettled evt_0002");
+        // Pass 2: evt_0001 has become visible.
+        fake.script([page(vec![event_created("evt_0001", "user_2", 1, Duration::from_secs(10)), event_created("evt_0002", "user_3", 1, young)], None)]);
+        let report = syncer(&t.db, &fake).run_once().await.unwrap();
+        assert_eq!(query_of(&fake.requests()[1]).get("after").map(String::as_str), Some("evt_0000"), "read again from the settled cursor");
+        assert_eq!(report.outcomes.get("applied"), Some(&1), "evt_0001 applied, evt_0002 a duplicate: {report:?}");
+        assert!(membership(&t.db, "org_1", "user_2").await.is_some(), "the late event is not skipped");
+        // A minute later both have settled: the cursor moves to the last.
+        fake.script([page(vec![event_created("evt_0001", "user_2", 1, Duration::from_secs(10)), event_created("evt_0002", "user_3", 1, young)], None)]);
+        let mut later = syncer(&t.db, &fake);
+        later.clock = TestClock::at("2026-11-25T12:01:00.000Z");
+        later.run_once().await.unwrap();
+        assert_eq!(cursor(&t.db).await.as_deref(), Some("evt_0002"), "settled, the cursor moves on");
+        assert_each_applied_once(&t.db, 3, "each event once").await;
+    }
+
+    async fn failed_passes_are_counted_and_readiness_reports_the_catch_up_failing(t) {
+        let app = app(&t.db);
+        let fake = FakeWorkos::start().await;
+        fake.always(Reply::status(401));
+        let mut s = syncer(&t.db, &fake);
+        s.metrics = app.state.metrics.clone();
+        for pass in 1..=3 {
+            assert!(s.run_once().await.is_err(), "pass {pass} fails");
+            let (_, body) = app.request(axum::http::Request::get("/readyz").body(axum::body::Body::empty()).unwrap()).await;
+            let expected = if pass < 3 { "ok" } else { "failing" };
+            assert_eq!((body["status"].as_str(), body["catch_up"].as_str()), (Some("ready"), Some(expected)), "after {pass} failed passes");
+        }
+        let text = app.state.metrics.render();
+        assert!(text.contains("rolesync_sync_failed_passes_total 3"), "{text}");
+        fake.always(page(vec![], None));
+        s.run_once().await.unwrap();
+        let (_, body) = app.request(axum::http::Request::get("/readyz").body(axum::body::Body::empty()).unwrap()).await;
+        assert_eq!(body["catch_up"], "ok", "one pass that works clears it");
     }
 
     async fn the_cursor_survives_a_restart(t) {

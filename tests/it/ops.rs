@@ -230,7 +230,7 @@ both! {
     async fn health_and_readiness_report_the_database(t) {
         let app = TestApp::new(&t.db);
         assert_eq!(app.request(get("/healthz")).await.0, StatusCode::OK);
-        assert_eq!(app.request(get("/readyz")).await, (StatusCode::OK, json!({"status": "ready"})));
+        assert_eq!(app.request(get("/readyz")).await, (StatusCode::OK, json!({"status": "ready", "catch_up": "ok"})));
         t.db.close().await;
         let (status, body) = app.request(get("/readyz")).await;
         assert_eq!((status, body["status"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("not_ready")));
