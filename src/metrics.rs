@@ -82,6 +82,7 @@ pub struct Metrics {
     pub healed: Family<PathOutcomeLabels, Counter>,
     pub sync_cursor_lag_seconds: Gauge,
     pub sync_failed_passes: Counter,
+    pub sync_cursor_resets: Counter,
     /// Catch-up passes that failed in a row (0 after one that did not).
     pub sync_consecutive_failures: Gauge,
 }
@@ -110,6 +111,7 @@ impl Metrics {
             healed: Family::default(),
             sync_cursor_lag_seconds: Gauge::default(),
             sync_failed_passes: Counter::default(),
+            sync_cursor_resets: Counter::default(),
             sync_consecutive_failures: Gauge::default(),
         };
         m.register();
@@ -182,6 +184,11 @@ impl Metrics {
             "rolesync_sync_failed_passes",
             "Events API catch-up passes that failed",
             self.sync_failed_passes.clone(),
+        );
+        r.register(
+            "rolesync_sync_cursor_resets",
+            "Events API cursors WorkOS refused (expired or unknown): cleared, organizations resynced",
+            self.sync_cursor_resets.clone(),
         );
         r.register(
             "rolesync_sync_consecutive_failures",

@@ -105,7 +105,14 @@ impl Syncer {
         let mut report = SyncReport::default();
         loop {
             let cursor = db::sync_state::cursor(self.db.pool(), STREAM).await?;
-            let page = self.fetch(cursor.as_deref()).await?;
+            let page = match self.fetch(cursor.as_deref()).await {
+                Err(WorkosError::Status(400 | 404 | 422)) if cursor.is_some() => {
+                    self.cursor_refused(cursor.as_deref().unwrap_or_default())
+                        .await?;
+                    continue;
+                }
+                page => page?,
+            };
             let fetched = page.data.len();
             let applied = match fetched {
                 0 => Applied::Whole,
@@ -131,6 +138,32 @@ impl Syncer {
                 .into());
             }
         }
+    }
+
+    /// WorkOS refused the stored cursor as `after` (older than its 30 days of events, or unknown):
+    /// the cursor is cleared, so the pass goes on from `now - lookback`, and every organization
+    /// with a stored membership is resynced, since events between the cursor and there are gone.
+    async fn cursor_refused(&self, cursor: &str) -> Result<(), SyncError> {
+        tracing::warn!(
+            cursor,
+            "WorkOS no longer honours the Events API cursor; starting from the lookback and resyncing every stored organization"
+        );
+        self.metrics.sync_cursor_resets.inc();
+        let now = self.clock.now();
+        if !db::sync_state::clear(self.db.pool(), STREAM, cursor, now).await? {
+            return Ok(());
+        }
+        for organization in db::memberships::organizations(self.db.pool()).await? {
+            match crate::resync::resync(&self.db, &self.workos, &organization, false, now).await {
+                Ok(changes) => {
+                    tracing::info!(organization_id = %organization, memberships = changes.len(), "resynced after a refused cursor")
+                }
+                Err(e) => {
+                    tracing::warn!(organization_id = %organization, error = %e, "resync after a refused cursor failed")
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn fetch(&self, cursor: Option<&str>) -> Result<ApiList<Box<RawValue>>, WorkosError> {

@@ -130,6 +130,17 @@ pub async fn list<'c>(
     Ok(rows.into_iter().map(Membership::from).collect())
 }
 
+/// Every organization with a stored membership, in order.
+pub async fn organizations<'c>(
+    conn: impl Executor<'c, Database = Any>,
+) -> Result<Vec<String>, DbError> {
+    Ok(sqlx::query_scalar(
+        "SELECT DISTINCT organization_id FROM memberships ORDER BY organization_id",
+    )
+    .fetch_all(conn)
+    .await?)
+}
+
 /// The stored rows of these memberships.
 pub async fn get_many<'c>(
     conn: impl Executor<'c, Database = Any>,

@@ -19,6 +19,25 @@ pub async fn cursor<'c>(
     Ok(row.flatten())
 }
 
+/// Clears the cursor of `name` if it is still `old` (a cursor WorkOS no longer honours); `false`
+/// when someone else moved it first.
+pub async fn clear<'c>(
+    conn: impl Executor<'c, Database = Any>,
+    name: &str,
+    old: &str,
+    now: Timestamp,
+) -> Result<bool, DbError> {
+    let done = sqlx::query(
+        "UPDATE sync_state SET cursor = NULL, updated_at = $3 WHERE name = $1 AND cursor = $2",
+    )
+    .bind(name)
+    .bind(old)
+    .bind(now.to_string())
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// Moves the cursor from `old` to `new`; `false` when someone else moved it first. `None` is no
 /// cursor: no row yet, or a row whose cursor an operator cleared to start over.
 pub async fn advance<'c>(

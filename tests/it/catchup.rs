@@ -252,6 +252,30 @@ both! {
         assert_eq!(body["catch_up"], "ok", "one pass that works clears it");
     }
 
+    async fn a_cursor_workos_refuses_falls_back_to_the_lookback_and_resyncs_the_stored_organizations(t) {
+        let app = app(&t.db);
+        let fake = FakeWorkos::start().await;
+        app.deliver(&membership_event("e1", "created", "user_1", "member", "active", 1)).await;
+        assert!(db::sync_state::advance(t.db.pool(), STREAM, None, "evt_expired", now()).await.unwrap());
+        fake.script([
+            Reply::status(400),
+            page(vec![api_membership("user_1", "admin", "active", &v(2).to_string())], None),
+            page(vec![], None),
+        ]);
+        let s = syncer(&t.db, &fake);
+        s.run_once().await.unwrap();
+        let requests = fake.requests();
+        assert_eq!(query_of(&requests[0]).get("after").map(String::as_str), Some("evt_expired"));
+        assert_eq!(requests[1].path, "/organizations/org_1", "the stored organization is resynced");
+        assert_eq!(requests[2].path, "/user_management/organization_memberships");
+        let last = query_of(&requests[3]);
+        assert!(last.contains_key("range_start") && !last.contains_key("after"), "then from the lookback: {last:?}");
+        let one = membership(&t.db, "org_1", "user_1").await.unwrap();
+        assert_eq!(one.role_slug.as_deref(), Some("admin"), "healed by the resync");
+        assert_eq!(audit_of(&t.db, "org_1", "user_1").await.last().unwrap().source, "resync");
+        assert!(s.metrics.render().contains("rolesync_sync_cursor_resets_total 1"));
+    }
+
     async fn the_cursor_survives_a_restart(t) {
         let fake = FakeWorkos::start().await;
         fake.script([page(created_events(0, 100), Some("evt_0099")), page(created_events(100, 5), None)]);
