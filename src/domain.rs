@@ -88,6 +88,9 @@ pub struct Observation {
     /// A deletion inferred from WorkOS no longer listing the membership ([`inferred_deletion`]),
     /// not one WorkOS reported.
     pub inferred: bool,
+    /// WorkOS manages the membership through directory sync (`directory_managed`): a deactivation
+    /// that resets its role is a directory deprovision.
+    pub directory_managed: bool,
     /// WorkOS `updated_at` of this state.
     pub version: Timestamp,
     pub source: Source,

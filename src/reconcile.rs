@@ -37,6 +37,7 @@ pub fn inferred_deletion(
         status: DELETED.to_owned(),
         deleted: true,
         inferred: true,
+        directory_managed: false,
         version: stored.map_or(epoch, |s| s.version),
         source,
         event_id: None,
@@ -143,11 +144,15 @@ pub fn decide(
         }
         (old_role.clone(), status, Outcome::UnknownRole, detail)
     } else {
+        let change = describe_change(&old_role, &old_status, &obs.role_slug, &obs.status);
         (
             obs.role_slug.clone(),
             obs.status.clone(),
             Outcome::Applied,
-            describe_change(&old_role, &old_status, &obs.role_slug, &obs.status),
+            match directory_cause(old_status.as_deref(), obs) {
+                Some(cause) => format!("{cause}: {change}"),
+                None => change,
+            },
         )
     };
     let row = Membership {
@@ -229,6 +234,20 @@ fn says_more(stored: &Membership, row: &Membership) -> bool {
     stored.version < row.version
         || stored.workos_role_slug != row.workos_role_slug
         || stored.membership_id != row.membership_id
+}
+
+/// What a change of a directory-managed membership's status means: WorkOS deprovisions a member
+/// (inactive, role reset to the default) and reprovisions one (active, previous role) when the
+/// directory says so, so an operator asking why an admin lost access reads the cause.
+fn directory_cause(old_status: Option<&str>, obs: &Observation) -> Option<&'static str> {
+    if !obs.directory_managed {
+        return None;
+    }
+    match (old_status, obs.status.as_str()) {
+        (Some(ACTIVE), "inactive") => Some("directory deprovision"),
+        (Some("inactive"), ACTIVE) => Some("directory reprovision"),
+        _ => None,
+    }
 }
 
 fn describe_change(

@@ -80,6 +80,8 @@ pub struct ApiMembership {
     #[serde(default)]
     pub role: Option<ApiRole>,
     pub updated_at: String,
+    #[serde(default)]
+    pub directory_managed: Option<bool>,
 }
 
 /// `{"slug": ...}`.
@@ -117,6 +119,7 @@ impl ApiMembership {
             status: self.status.clone().unwrap_or_else(|| "unknown".into()),
             deleted: false,
             inferred: false,
+            directory_managed: self.directory_managed.unwrap_or(false),
             version,
             source,
             event_id: None,

@@ -261,6 +261,7 @@ mod tests {
             status: "active".into(),
             deleted: false,
             inferred: false,
+            directory_managed: false,
             version: Timestamp::from_millis(1).unwrap(),
             source: Source::Webhook,
             event_id: Some(event_id.into()),

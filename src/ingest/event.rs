@@ -34,6 +34,8 @@ struct MembershipData {
     status: Option<String>,
     role: Option<RoleRef>,
     updated_at: Option<String>,
+    #[serde(default)]
+    directory_managed: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,6 +128,7 @@ fn observation(
         status,
         deleted,
         inferred: false,
+        directory_managed: data.directory_managed.unwrap_or(false),
         version,
         source,
         event_id: Some(envelope.id.clone()),

@@ -160,6 +160,7 @@ pub fn obs(version: i64, role: Option<&str>, status: &str, deleted: bool) -> Obs
         status: status.into(),
         deleted,
         inferred: false,
+        directory_managed: false,
         version: v(version),
         source: Source::Cli,
         event_id: None,

@@ -305,6 +305,21 @@ both! {
         assert_eq!(answer["outcome"], "applied", "a version at now is taken");
     }
 
+    async fn a_directory_deprovision_and_reprovision_are_audited_as_such(t) {
+        let app = TestApp::new(&t.db);
+        let event = |id: &str, role: &str, status: &str, second: u32, managed: bool| serde_json::to_vec(&json!({"id": id, "event": "organization_membership.updated",
+            "data": {"id": "om_1", "organization_id": "org_1", "user_id": "user_1", "status": status, "role": {"slug": role},
+                     "directory_managed": managed, "updated_at": format!("2026-11-20T10:00:{second:02}.000Z")}})).unwrap();
+        app.deliver(&event("e1", "admin", "active", 1, true)).await;
+        app.deliver(&event("e2", "member", "inactive", 2, true)).await;
+        app.deliver(&event("e3", "admin", "active", 3, true)).await;
+        app.deliver(&event("e4", "member", "inactive", 4, false)).await;
+        let details: Vec<String> = audit_of(&t.db, "org_1", "user_1").await.into_iter().map(|r| r.detail).collect();
+        assert!(details[1].starts_with("directory deprovision: role admin -> member, status active -> inactive"), "{details:?}");
+        assert!(details[2].starts_with("directory reprovision: role member -> admin"), "{details:?}");
+        assert!(!details[3].contains("directory"), "not directory-managed: a plain change: {details:?}");
+    }
+
     async fn versions_within_one_millisecond_keep_their_order(t) {
         let app = TestApp::new(&t.db);
         let event = |id: &str, role: &str, updated_at: &str| serde_json::to_vec(&json!({"id": id, "event": "organization_membership.updated",
