@@ -258,6 +258,14 @@ where
     Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut command))
 }
 
+/// The arguments that take a duration.
+const DURATIONS: [&str; 4] = [
+    "payloads_older_than",
+    "ids_older_than",
+    "sync_lookback",
+    "timeout",
+];
+
 /// Lets every argument take a negative number as its value, so that `--limit -1` is refused by
 /// the argument's own range check, naming it, rather than read as an unknown flag `-1`.
 fn negative_numbers_as_values(command: clap::Command) -> clap::Command {
@@ -266,6 +274,8 @@ fn negative_numbers_as_values(command: clap::Command) -> clap::Command {
         .map(|c| c.get_name().to_owned())
         .collect();
     let command = command.mut_args(|a| match a.get_action().takes_values() {
+        // A duration's own parser refuses "-1d" (or a flag taken for the value), naming it.
+        true if DURATIONS.contains(&a.get_id().as_str()) => a.allow_hyphen_values(true),
         true => a.allow_negative_numbers(true),
         false => a,
     });

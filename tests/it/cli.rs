@@ -463,6 +463,16 @@ fn settings_out_of_range_or_blank_are_refused_with_one_line_naming_the_variable(
         &["--db-max-connections", "-1"],
         "a negative number names its option",
     );
+    for args in [
+        &["prune", "--payloads-older-than", "-1d"][..],
+        &["sync", "--sync-lookback", "-1d"],
+    ] {
+        rolesync(args, &envs).refused(
+            2,
+            &[args[1], "-1d"],
+            &format!("{args:?}: a negative duration names its option"),
+        );
+    }
     let envs = [
         ("DATABASE_URL", url.as_str()),
         ("ROLESYNC_LOG_FORMAT", "xml"),
