@@ -94,7 +94,12 @@ pub fn classify(envelope: &Envelope<'_>, source: Source, now: Timestamp) -> Even
         "organization_membership.deleted" => true,
         _ => return EventKind::Other,
     };
-    match observation(envelope, deleted, source).and_then(|obs| obs.check(now).map(|()| obs)) {
+    // The payload's fields are under `data`: named so, as the parser names them.
+    let checked = |obs: Observation| match obs.check(now) {
+        Ok(()) => Ok(obs),
+        Err(why) => Err(why.replacen("field `", "field `data.", 1)),
+    };
+    match observation(envelope, deleted, source).and_then(checked) {
         Ok(obs) => EventKind::Membership(obs),
         Err(reason) => EventKind::Invalid(reason),
     }

@@ -286,10 +286,10 @@ both! {
         let now = rolesync::timestamp::Timestamp::from_millis(app.clock_millis()).unwrap().to_string();
         let a_day_and_a_bit = rolesync::timestamp::Timestamp::from_millis(app.clock_millis() + 24 * 3600 * 1000 + 1000).unwrap().to_string();
         let cases = [
-            ("e_nul", data("user\u{0}nul", "admin", &now), "user_id"),
-            ("e_slug", data("user_1", &"s".repeat(100_000), &now), "role.slug"),
-            ("e_future", data("user_1", "admin", "9999-12-31T23:59:59.999Z"), "updated_at"),
-            ("e_ahead", data("user_1", "admin", &a_day_and_a_bit), "updated_at"),
+            ("e_nul", data("user\u{0}nul", "admin", &now), "`data.user_id`"),
+            ("e_slug", data("user_1", &"s".repeat(100_000), &now), "`data.role.slug`"),
+            ("e_future", data("user_1", "admin", "9999-12-31T23:59:59.999Z"), "`data.updated_at`"),
+            ("e_ahead", data("user_1", "admin", &a_day_and_a_bit), "`data.updated_at`"),
         ];
         for (id, data, field) in cases {
             for attempt in ["first", "retry"] {
