@@ -612,7 +612,16 @@ async fn replay_stored(db: &Db, filter: &StoredFilter) -> Result<()> {
         .map(|r| vec![r.event_id.clone(), r.before.clone(), r.after.clone()])
         .collect();
     emit(&table::render(&["EVENT", "BEFORE", "AFTER"], &rows))?;
-    emit(&format!("{} stored events re-applied\n", rows.len()))
+    let pruned = db::inbox::pruned(db.pool(), filter).await?;
+    let skipped = match pruned {
+        0 => String::new(),
+        1 => "; 1 matching event skipped: its payload was pruned".to_owned(),
+        n => format!("; {n} matching events skipped: their payloads were pruned"),
+    };
+    emit(&format!(
+        "{} stored events re-applied{skipped}\n",
+        rows.len()
+    ))
 }
 
 async fn prune(config: &Config, payloads: Option<Duration>, ids: Option<Duration>) -> Result<()> {

@@ -136,6 +136,22 @@ pub async fn stored<'c>(
     .await?)
 }
 
+/// How many stored deliveries the filter matches whose payload was pruned (they cannot be replayed).
+pub async fn pruned<'c>(
+    conn: impl Executor<'c, Database = Any>,
+    filter: &StoredFilter,
+) -> Result<i64, DbError> {
+    Ok(sqlx::query_scalar(
+        "SELECT COUNT(*) FROM webhook_events WHERE payload IS NULL \
+         AND ($1 IS NULL OR received_at >= $1) AND ($2 IS NULL OR event_id = $2) AND ($3 IS NULL OR outcome = $3)",
+    )
+    .bind(filter.since.map(|t| t.to_string()))
+    .bind(filter.event_id.as_deref())
+    .bind(filter.outcome.as_deref())
+    .fetch_one(conn)
+    .await?)
+}
+
 /// Drops the payloads of deliveries received before `cutoff`, keeping their ids; returns how many.
 pub async fn prune_payloads<'c>(
     conn: impl Executor<'c, Database = Any>,

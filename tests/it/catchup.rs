@@ -510,6 +510,9 @@ both! {
         assert_eq!(audit_count(&t.db).await, 1);
         let replayed = rolesync::replay::replay_stored(&t.db, &StoredFilter::default(), now()).await.unwrap();
         assert!(replayed.is_empty(), "an event without payload cannot be replayed: {replayed:?}");
+        assert_eq!(db::inbox::pruned(t.db.pool(), &StoredFilter::default()).await.unwrap(), 1, "and it is counted as skipped");
+        let other = StoredFilter { event_id: Some("e2".into()), ..StoredFilter::default() };
+        assert_eq!(db::inbox::pruned(t.db.pool(), &other).await.unwrap(), 0, "under the same filter");
     }
 
     async fn pruning_ids_deletes_only_rows_older_than_the_cutoff(t) {
