@@ -4,7 +4,10 @@
 //! `{"timestamp":…,"level":"INFO","fields":{"message":…,…},"target":…,"span":{…,"name":…}}`.
 //! It is written by [`JsonLines`] and [`SpanJsonFields`] rather than by that format, which builds
 //! a map of values for every span and parses the span's fields again for every line: with one line
-//! per delivery, that was about a third of what logging cost the server.
+//! per delivery, that was about a third of what logging cost the server. Measured again on
+//! 2026-12-07 against tracing-subscriber's own `json()` format (same run, 14 rounds): that format
+//! cost 17% more instructions per delivery (356k against 304k) and 7.8% of SQLite throughput, above
+//! the 5% that would have justified replacing this module.
 
 use std::fmt::{self, Write as _};
 use std::io::IsTerminal;

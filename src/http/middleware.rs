@@ -11,6 +11,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde_json::json;
+use tower::util::MapRequestLayer;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
@@ -44,7 +45,7 @@ pub fn layered(router: Router<Arc<AppState>>, state: Arc<AppState>) -> Router<Ar
                 .on_failure(()),
         )
         .layer(SetRequestIdLayer::x_request_id(FreshId))
-        .layer(axum::middleware::map_request(drop_unusable_request_id))
+        .layer(MapRequestLayer::new(drop_unusable_request_id))
 }
 
 /// A fresh request id: 16 hex digits.
@@ -59,7 +60,8 @@ impl MakeRequestId for FreshId {
 }
 
 /// Keeps the caller's request id only when it is short and printable, so that a fresh one is made.
-async fn drop_unusable_request_id(mut request: Request) -> Request {
+/// A plain function (tower's `MapRequest`): an axum middleware would box a future per request.
+fn drop_unusable_request_id(mut request: Request) -> Request {
     let usable = request
         .headers()
         .get(REQUEST_ID)
