@@ -28,7 +28,17 @@ fn free_port() -> u16 {
 pub struct Server {
     child: Child,
     pub base: String,
-    logs: std::thread::JoinHandle<String>,
+    /// Taken by [`Server::finish`]; a server dropped without it (a failed test) is killed.
+    logs: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.logs.is_some() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 impl Server {
@@ -59,7 +69,7 @@ impl Server {
         let server = Self {
             child,
             base: format!("http://127.0.0.1:{port}"),
-            logs,
+            logs: Some(logs),
         };
         server.wait_ready().await;
         server
@@ -95,7 +105,8 @@ impl Server {
     /// Waits for exit; returns (exit success, stderr).
     pub fn finish(mut self) -> (bool, String) {
         let status = self.child.wait().unwrap();
-        (status.success(), self.logs.join().unwrap())
+        let logs = self.logs.take().expect("finished once");
+        (status.success(), logs.join().unwrap())
     }
 }
 
