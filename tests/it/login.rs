@@ -15,13 +15,24 @@ use crate::support::{
 const TOKEN: &str = "login-token-for-tests";
 
 fn login_app(db: &rolesync::db::Db, fake: &FakeWorkos, budget_ms: u64) -> TestApp {
+    login_app_with(db, fake, |c| {
+        c.login_budget_ms = budget_ms;
+        c.login_refresh_secs = 0;
+    })
+}
+
+/// A login-enabled app over `fake`, with further settings.
+fn login_app_with(
+    db: &rolesync::db::Db,
+    fake: &FakeWorkos,
+    adjust: impl FnOnce(&mut rolesync::config::Config),
+) -> TestApp {
     let url = fake.url.clone();
     TestApp::with_config(db, move |c| {
         c.api_base_url = url.parse().unwrap();
         c.api_key = Some("sk_test_key".parse().unwrap());
         c.login_token = Some(TOKEN.parse().unwrap());
-        c.login_budget_ms = budget_ms;
-        c.login_refresh_secs = 0;
+        adjust(c);
     })
 }
 
@@ -155,11 +166,7 @@ both! {
 
     async fn a_request_over_the_request_timeout_is_answered_503_request_timeout_in_json(t) {
         let fake = FakeWorkos::start().await;
-        let url = fake.url.clone();
-        let app = TestApp::with_config(&t.db, move |c| {
-            c.api_base_url = url.parse().unwrap();
-            c.api_key = Some("sk_test_key".parse().unwrap());
-            c.login_token = Some(TOKEN.parse().unwrap());
+        let app = login_app_with(&t.db, &fake, |c| {
             c.login_budget_ms = 10_000;
             c.request_timeout_secs = 1;
         });
@@ -293,12 +300,7 @@ both! {
 
     async fn a_second_login_within_the_refresh_period_answers_from_the_database(t) {
         let fake = FakeWorkos::start().await;
-        let url = fake.url.clone();
-        let app = TestApp::with_config(&t.db, move |c| {
-            c.api_base_url = url.parse().unwrap();
-            c.api_key = Some("sk_test_key".parse().unwrap());
-            c.login_token = Some(TOKEN.parse().unwrap());
-        });
+        let app = login_app_with(&t.db, &fake, |_| {});
         fake.always(found("user_1", "admin", "active", 1));
         let (_, first) = app.login("user_1").await;
         let (_, second) = app.login("user_1").await;
