@@ -125,7 +125,7 @@ const STORED_OUTCOMES: [&str; 7] = [
 ];
 
 /// The longest id rolesync stores (the webhook caps event ids at the same length).
-const MAX_ID_CHARS: usize = 255;
+const MAX_ID_CHARS: usize = crate::domain::MAX_ID_LEN;
 
 fn parse_time(text: &str) -> Result<Timestamp, String> {
     Timestamp::parse(text).map_err(|e| e.to_string())

@@ -80,8 +80,10 @@ pub struct ApiMembership {
     #[serde(default)]
     pub role: Option<ApiRole>,
     pub updated_at: String,
+    /// Only `true` marks the membership directory-managed; any other value is no reason to
+    /// refuse the answer.
     #[serde(default)]
-    pub directory_managed: Option<bool>,
+    pub directory_managed: Option<serde_json::Value>,
 }
 
 /// `{"slug": ...}`.
@@ -119,7 +121,7 @@ impl ApiMembership {
             status: self.status.clone().unwrap_or_else(|| "unknown".into()),
             deleted: false,
             inferred: false,
-            directory_managed: self.directory_managed.unwrap_or(false),
+            directory_managed: self.directory_managed == Some(serde_json::Value::Bool(true)),
             version,
             source,
             event_id: None,

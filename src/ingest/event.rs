@@ -3,7 +3,7 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::domain::{check_id, Observation, Source, DELETED, MAX_ID_LEN};
+use crate::domain::{check_id, Observation, Source, DELETED};
 use crate::timestamp::Timestamp;
 
 /// The envelope of every WorkOS event. `data` stays raw until the type is known.
@@ -34,8 +34,10 @@ struct MembershipData {
     status: Option<String>,
     role: Option<RoleRef>,
     updated_at: Option<String>,
+    /// Read leniently: only `true` marks the membership directory-managed; any other value is
+    /// no reason to refuse the event.
     #[serde(default)]
-    directory_managed: Option<bool>,
+    directory_managed: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,21 +135,16 @@ fn observation(
         status,
         deleted,
         inferred: false,
-        directory_managed: data.directory_managed.unwrap_or(false),
+        directory_managed: data.directory_managed == Some(serde_json::Value::Bool(true)),
         version,
         source,
         event_id: Some(envelope.id.clone()),
     })
 }
 
+/// A field the observation needs; what it may hold is [`Observation::check`]'s to say.
 fn required(value: Option<String>, name: &str) -> Result<String, String> {
-    match value {
-        Some(v) if !v.is_empty() && v.len() <= MAX_ID_LEN => Ok(v),
-        Some(_) => Err(format!(
-            "field `{name}` must be 1 to {MAX_ID_LEN} characters"
-        )),
-        None => Err(format!("missing field `{name}`")),
-    }
+    value.ok_or_else(|| format!("missing field `{name}`"))
 }
 
 #[cfg(test)]
@@ -279,6 +276,28 @@ mod tests {
             matches!(kind, EventKind::Membership(_)),
             "a day ahead is accepted: {kind:?}"
         );
+    }
+
+    #[test]
+    fn directory_managed_is_true_only_when_it_says_true_and_never_refuses_an_event() {
+        for (value, managed) in [
+            ("true", true),
+            ("false", false),
+            ("\"yes\"", false),
+            ("null", false),
+        ] {
+            let data = DATA.replace(r#""extra":1"#, &format!(r#""directory_managed":{value}"#));
+            let body = membership_event("organization_membership.updated", &data);
+            let kind = classify(
+                &parse_envelope(body.as_bytes()).unwrap(),
+                Source::Webhook,
+                NOW,
+            );
+            let EventKind::Membership(obs) = kind else {
+                panic!("{value}: expected a membership, got {kind:?}")
+            };
+            assert_eq!(obs.directory_managed, managed, "{value}");
+        }
     }
 
     #[test]
