@@ -9,9 +9,8 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::config::parse_duration;
 use crate::config::Config;
-use crate::db::inbox::StoredFilter;
 use crate::db::schema;
-use crate::db::{self, Db};
+use crate::db::{self, Db, StoredFilter};
 use crate::http::AppState;
 use crate::metrics::Metrics;
 use crate::output::emit;
@@ -362,7 +361,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Reconcile { user, org } => return reconcile_now(config, &user, &org).await,
         Command::Audit { org, user, limit } => {
             let db = open_migrated(&config).await?;
-            let rows = db::audit::list(db.pool(), org.as_deref(), user.as_deref(), limit).await?;
+            let rows = db.audit(org.as_deref(), user.as_deref(), limit).await?;
             emit(&audit_table(&rows))?;
         }
     }
@@ -612,7 +611,7 @@ async fn replay_stored(db: &Db, filter: &StoredFilter) -> Result<()> {
         .map(|r| vec![r.event_id.clone(), r.before.clone(), r.after.clone()])
         .collect();
     emit(&table::render(&["EVENT", "BEFORE", "AFTER"], &rows))?;
-    let pruned = db::inbox::pruned(db.pool(), filter).await?;
+    let pruned = db.pruned_events(filter).await?;
     let skipped = match pruned {
         0 => String::new(),
         1 => "; 1 matching event skipped: its payload was pruned".to_owned(),
@@ -627,11 +626,11 @@ async fn replay_stored(db: &Db, filter: &StoredFilter) -> Result<()> {
 async fn prune(config: &Config, payloads: Option<Duration>, ids: Option<Duration>) -> Result<()> {
     let db = open_migrated(config).await?;
     if let Some(d) = payloads {
-        let dropped = db::inbox::prune_payloads(db.pool(), cutoff(d)?).await?;
+        let dropped = db.prune_payloads(cutoff(d)?).await?;
         emit(&format!("{dropped} payloads dropped\n"))?;
     }
     if let Some(d) = ids {
-        let deleted = db::inbox::prune_ids(db.pool(), cutoff(d)?).await?;
+        let deleted = db.prune_ids(cutoff(d)?).await?;
         emit(&format!("{deleted} event ids deleted\n"))?;
     }
     Ok(())
@@ -649,19 +648,19 @@ fn cutoff(age: Duration) -> Result<Timestamp> {
 async fn roles(db: &Db, action: RolesAction) -> Result<()> {
     match action {
         RolesAction::List => {
-            let slugs = db::roles::list(db.pool()).await?;
+            let slugs = db.roles().await?;
             emit(&slugs.iter().map(|s| format!("{s}\n")).collect::<String>())?;
         }
         RolesAction::Add { slugs } => {
             for slug in slugs {
-                let added = db::roles::add(db.pool(), &slug, Timestamp::now()).await?;
+                let added = db.add_role(&slug, Timestamp::now()).await?;
                 let done = if added { "added" } else { "already known" };
                 emit(&format!("{slug}: {done}\n"))?;
             }
         }
         RolesAction::Remove { slugs } => {
             for slug in slugs {
-                let removed = db::roles::remove(db.pool(), &slug).await?;
+                let removed = db.remove_role(&slug).await?;
                 let done = if removed { "removed" } else { "not known" };
                 emit(&format!("{slug}: {done}\n"))?;
             }
@@ -671,7 +670,7 @@ async fn roles(db: &Db, action: RolesAction) -> Result<()> {
 }
 
 /// The audit rows as an aligned table.
-pub fn audit_table(rows: &[db::audit::AuditRow]) -> String {
+pub fn audit_table(rows: &[db::AuditRow]) -> String {
     let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     let body: Vec<Vec<String>> = rows
         .iter()

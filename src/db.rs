@@ -1,19 +1,19 @@
 //! Connecting to SQLite or PostgreSQL, migrations, write transactions and per-membership locks.
-//! Every SQL statement of rolesync lives under this module. `base` holds what every part shares
-//! (errors, backends, keys); `pool` the connection pool and write transactions.
+//! Every SQL statement of rolesync lives under this module, once per dialect: `sqlite` (rusqlite)
+//! and `postgres` (sqlx's native driver). `pool` is the one boundary the rest of rolesync calls
+//! ([`Db`], [`WriteTx`], [`Committer`]); `store` the batch interface and the rows read back; `base`
+//! what every part shares (errors, backends, keys, migrations).
 
-pub mod audit;
 mod base;
-pub mod inbox;
-pub mod memberships;
-pub mod pg_writer;
 mod pool;
-pub mod roles;
+mod postgres;
 pub mod schema;
-pub mod sqlite_writer;
-pub mod sqlx_store;
+mod sqlite;
 pub mod store;
-pub mod sync_state;
 
-pub use base::{Backend, DbError, Key};
-pub use pool::{Db, WriteTx, WriteUnderWay, STALLED_WRITE, WRITE_FAILURES_NOT_READY};
+pub use base::{Backend, DbError, Key, Value};
+pub use pool::{
+    Committer, Db, Store, SyncLease, WriteTx, WriteUnderWay, STALLED_WRITE,
+    WRITE_FAILURES_NOT_READY,
+};
+pub use store::{AuditRow, BatchStore, InboxRow, Snapshot, StoredEvent, StoredFilter, Writes};

@@ -7,18 +7,11 @@ pub mod event;
 
 use serde::Serialize;
 
-use sqlx::AnyConnection;
-
-use crate::db::pg_writer::PgStore;
-use crate::db::sqlite_writer::SqliteWriter;
-use crate::db::sqlx_store::SqlxStore;
-use crate::db::store::BatchStore;
-use crate::db::{Db, DbError};
+use crate::db::{BatchStore, Committer, Db, DbError, WriteTx};
 use crate::domain::Applied;
 use crate::reconcile::{self, Item, Observation, Source};
 use crate::timestamp::Timestamp;
 use event::{classify, parse_envelope, EventKind, PayloadError};
-use sqlx::{Connection, PgConnection};
 
 /// The answer to a stored (or duplicate) delivery.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -75,98 +68,43 @@ impl Incoming {
 
 /// Stores deliveries in the inbox and reconciles the membership events among them, in one
 /// transaction. An event id already stored (or earlier in the same batch) is a `duplicate` and
-/// changes nothing. Receipts come back in input order. On a SQLite file this opens a
-/// [`SqliteWriter`] for the call, as the group-commit worker keeps one.
+/// changes nothing. Receipts come back in input order. This opens a [`Committer`] for the call, as
+/// the group-commit worker keeps one.
 pub async fn deliver_batch(
     db: &Db,
     batch: &[Incoming],
     now: Timestamp,
 ) -> Result<Vec<Receipt>, DbError> {
-    if let Some(mut writer) = db.sqlite_writer()? {
-        return deliver_batch_sqlite(&mut writer, db, batch, now).await;
-    }
-    let mut tx = db.begin_write().await?;
-    let receipts = deliver_batch_in(&mut tx, db, batch, now).await?;
-    tx.commit().await?;
-    Ok(receipts)
+    deliver_batch_on(&mut db.committer(), batch, now).await
 }
 
-/// [`deliver_batch`] on a sqlx connection the caller keeps (the group-commit worker's own on an
-/// in-memory SQLite database).
+/// [`deliver_batch`] on a committer's connection, which the caller keeps (the group-commit
+/// workers' own); on SQLite in this process's writer turn.
 pub async fn deliver_batch_on(
-    conn: &mut AnyConnection,
-    db: &Db,
+    committer: &mut Committer,
     batch: &[Incoming],
     now: Timestamp,
 ) -> Result<Vec<Receipt>, DbError> {
-    let mut tx = db.begin_write_on(conn).await?;
-    match deliver_batch_in(&mut tx, db, batch, now).await {
+    let mut tx = committer.begin().await?;
+    match deliver_into(&mut tx.store(), batch, now).await {
         Ok(receipts) => {
             tx.commit().await?;
             Ok(receipts)
         }
         Err(e) => {
-            roll_back_now(tx.rollback()).await;
+            tx.rollback().await;
             Err(e)
         }
     }
 }
 
-/// [`deliver_batch`] on a native PostgreSQL connection the caller keeps (the PostgreSQL
-/// group-commit workers' own), with fixed-text statements ([`PgStore`]).
-pub async fn deliver_batch_pg(
-    conn: &mut PgConnection,
-    batch: &[Incoming],
-    now: Timestamp,
-) -> Result<Vec<Receipt>, DbError> {
-    let mut tx = conn.begin().await?;
-    match deliver_into(&mut PgStore { conn: &mut tx }, batch, now).await {
-        Ok(receipts) => {
-            tx.commit().await?;
-            Ok(receipts)
-        }
-        Err(e) => {
-            roll_back_now(tx.rollback()).await;
-            Err(e)
-        }
-    }
-}
-
-/// Awaits a failed batch's rollback (for at most 5 s): a dropped sqlx transaction only queues its
-/// rollback, and a committer's own connection may then sit unused, holding its locks, until the next
-/// batch.
-async fn roll_back_now(rollback: impl std::future::Future<Output = Result<(), sqlx::Error>>) {
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), rollback).await;
-}
-
-/// [`deliver_batch`] on the SQLite writer the caller keeps (the SQLite group-commit worker's own),
-/// in this process's writer turn.
-pub async fn deliver_batch_sqlite(
-    writer: &mut SqliteWriter,
-    db: &Db,
-    batch: &[Incoming],
-    now: Timestamp,
-) -> Result<Vec<Receipt>, DbError> {
-    let _turn = db.writer_turn().await;
-    let result = match writer.begin() {
-        Ok(mut store) => deliver_into(&mut store, batch, now).await,
-        Err(e) => Err(e),
-    };
-    let result = result.and_then(|receipts| writer.commit().map(|()| receipts));
-    if result.is_err() {
-        let _ = writer.rollback();
-    }
-    result
-}
-
-/// [`deliver_batch`] inside the caller's sqlx write transaction, which the caller commits.
+/// [`deliver_batch`] inside the caller's write transaction, which the caller commits.
 pub async fn deliver_batch_in(
-    conn: &mut AnyConnection,
-    db: &Db,
+    tx: &mut WriteTx<'_>,
     batch: &[Incoming],
     now: Timestamp,
 ) -> Result<Vec<Receipt>, DbError> {
-    deliver_into(&mut SqlxStore { conn, db }, batch, now).await
+    deliver_into(&mut tx.store(), batch, now).await
 }
 
 /// [`deliver_batch`] inside any [`BatchStore`]'s transaction: [`reconcile::apply`] with the

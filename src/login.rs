@@ -208,7 +208,9 @@ async fn joined(
 ) -> Result<LoginAnswer, LoginError> {
     match fetched {
         Fetched::Observed(obs) => {
-            let stored = db::memberships::get_with_role(svc.db.pool(), organization_id, user_id)
+            let stored = svc
+                .db
+                .membership_with_role(organization_id, user_id)
                 .await
                 .ok()
                 .flatten();
@@ -242,7 +244,7 @@ async fn fetch_and_apply(
     let deadline = Instant::now() + svc.budget;
     let (fetched, stored) = tokio::join!(
         find(&svc.workos, user_id, organization_id, deadline),
-        db::memberships::get_with_role(svc.db.pool(), organization_id, user_id),
+        svc.db.membership_with_role(organization_id, user_id),
     );
     // A failed read only costs the shortcut: the write path reads again.
     let stored = stored.ok().flatten();
@@ -335,7 +337,9 @@ async fn from_database(
     organization_id: &str,
     workos_error: Option<String>,
 ) -> Result<LoginAnswer, LoginError> {
-    let row = db::memberships::get(svc.db.pool(), organization_id, user_id)
+    let row = svc
+        .db
+        .membership(organization_id, user_id)
         .await
         .map_err(|e| LoginError::StorageUnavailable(e.to_string()))?;
     match row {

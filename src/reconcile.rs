@@ -1,13 +1,8 @@
 //! The one idempotent reconcile: pure rules over (stored row, observation), and the transaction that applies them.
 
-use sqlx::AnyConnection;
-
 use std::collections::{BTreeMap, HashMap};
 
-use crate::db::inbox::InboxRow;
-use crate::db::sqlx_store::SqlxStore;
-use crate::db::store::{BatchStore, Snapshot, Writes};
-use crate::db::{self, Db, DbError, Key};
+use crate::db::{BatchStore, Db, DbError, InboxRow, Key, Snapshot, WriteTx, Writes};
 use crate::timestamp::Timestamp;
 
 pub use crate::domain::{
@@ -297,8 +292,9 @@ fn audit(
 /// Reconciles one observation in its own transaction (none when a read shows it would write
 /// nothing).
 pub async fn reconcile(db: &Db, obs: &Observation, now: Timestamp) -> Result<Outcome, DbError> {
-    let stored =
-        db::memberships::get_with_role(db.pool(), &obs.organization_id, &obs.user_id).await?;
+    let stored = db
+        .membership_with_role(&obs.organization_id, &obs.user_id)
+        .await?;
     Ok(reconcile_and_read(db, obs, now, stored.as_ref()).await?.0)
 }
 
@@ -320,8 +316,8 @@ pub async fn reconcile_and_read(
     let _under_way = db.write_under_way();
     let written = async {
         let mut tx = db.begin_write().await?;
-        let outcomes = reconcile_batch(&mut tx, db, &[obs], now).await?;
-        let row = db::memberships::get(&mut *tx, &obs.organization_id, &obs.user_id).await?;
+        let outcomes = reconcile_batch(&mut tx, &[obs], now).await?;
+        let row = tx.membership(&obs.organization_id, &obs.user_id).await?;
         tx.commit().await?;
         Ok((outcomes[0], row))
     }
@@ -349,12 +345,11 @@ fn writes_nothing(
 /// commits): one lock statement, one read of every membership touched, one upsert and one audit
 /// insert, whatever the number of observations. Each observation sees the ones before it.
 pub async fn reconcile_batch(
-    conn: &mut AnyConnection,
-    db: &Db,
+    tx: &mut WriteTx<'_>,
     observations: &[&Observation],
     now: Timestamp,
 ) -> Result<Vec<Outcome>, DbError> {
-    reconcile_in(&mut SqlxStore { conn, db }, observations, now).await
+    reconcile_in(&mut tx.store(), observations, now).await
 }
 
 /// [`reconcile_batch`] in any [`BatchStore`]'s transaction: [`apply`] with observations only.

@@ -10,8 +10,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::config::Config;
-use crate::db::inbox::{StoredEvent, StoredFilter};
-use crate::db::{self, Db};
+use crate::db::{Db, StoredEvent, StoredFilter};
 use crate::ingest::event::EventKind;
 use crate::ingest::Incoming;
 use crate::output::emit;
@@ -261,7 +260,7 @@ pub async fn replay_stored(
     let mut after: Option<(String, String)> = None;
     loop {
         let position = after.as_ref().map(|(t, id)| (t.as_str(), id.as_str()));
-        let page = db::inbox::stored(db.pool(), filter, position, STORED_PAGE).await?;
+        let page = db.stored_events(filter, position, STORED_PAGE).await?;
         let Some(last) = page.last() else {
             return Ok(done);
         };
@@ -284,13 +283,13 @@ async fn reapply(db: &Db, page: &[StoredEvent], now: Timestamp) -> Result<Vec<Re
         .collect();
     let observations: Vec<&Observation> = parsed.iter().map(|(_, o)| o).collect();
     let mut tx = db.begin_write().await?;
-    let outcomes = reconcile_batch(&mut tx, db, &observations, now).await?;
+    let outcomes = reconcile_batch(&mut tx, &observations, now).await?;
     let settled: Vec<(&str, &str)> = parsed
         .iter()
         .zip(&outcomes)
         .map(|((e, _), o)| (e.event_id.as_str(), o.as_str()))
         .collect();
-    db::inbox::set_outcomes(&mut *tx, db.backend(), &settled).await?;
+    tx.set_outcomes(&settled).await?;
     tx.commit().await?;
     Ok(parsed
         .iter()

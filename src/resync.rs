@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use tokio::time::Instant;
 
-use crate::db::{self, Db, Key};
+use crate::db::{Db, Key};
 use crate::reconcile::{
     decide, inferred_deletion, reconcile_batch, Membership, Observation, Outcome, Source, DELETED,
 };
@@ -86,7 +86,7 @@ pub async fn resync(
 ) -> anyhow::Result<Vec<Change>> {
     // Stored rows first: only a membership stored before the listing began can be missing from it.
     // One a webhook stores meanwhile may be on a page already served, and is no deletion.
-    let stored = db::memberships::list(db.pool(), Some(organization_id)).await?;
+    let stored = db.memberships(Some(organization_id)).await?;
     // An API key of another WorkOS environment lists no memberships: that is no deletion of all.
     let deadline = Instant::now() + LIST_DEADLINE;
     if !workos
@@ -126,7 +126,7 @@ async fn preview(
     stored: &HashMap<Key, Membership>,
     now: Timestamp,
 ) -> anyhow::Result<Vec<Outcome>> {
-    let known: HashSet<String> = db::roles::list(db.pool()).await?.into_iter().collect();
+    let known: HashSet<String> = db.roles().await?.into_iter().collect();
     Ok(observed
         .iter()
         .map(|o| {
@@ -142,7 +142,7 @@ async fn apply(db: &Db, observed: &[Observation], now: Timestamp) -> anyhow::Res
     for chunk in observed.chunks(CHUNK) {
         let mut tx = db.begin_write().await?;
         let refs: Vec<&Observation> = chunk.iter().collect();
-        outcomes.extend(reconcile_batch(&mut tx, db, &refs, now).await?);
+        outcomes.extend(reconcile_batch(&mut tx, &refs, now).await?);
         tx.commit().await?;
     }
     Ok(outcomes)

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
-use crate::db::{self, Db, DbError};
+use crate::db::{Db, DbError};
 use crate::domain::Source;
 use crate::ingest::{deliver_batch_in, Incoming};
 use crate::metrics::{Metrics, PathOutcomeLabels};
@@ -104,7 +104,7 @@ impl Syncer {
     async fn pages(&self) -> Result<SyncReport, SyncError> {
         let mut report = SyncReport::default();
         loop {
-            let cursor = db::sync_state::cursor(self.db.pool(), STREAM).await?;
+            let cursor = self.db.cursor(STREAM).await?;
             let page = match self.fetch(cursor.as_deref()).await {
                 Err(WorkosError::Status(400 | 404 | 422)) if cursor.is_some() => {
                     self.cursor_refused(cursor.as_deref().unwrap_or_default())
@@ -150,10 +150,10 @@ impl Syncer {
         );
         self.metrics.sync_cursor_resets.inc();
         let now = self.clock.now();
-        if !db::sync_state::clear(self.db.pool(), STREAM, cursor, now).await? {
+        if !self.db.clear_cursor(STREAM, cursor, now).await? {
             return Ok(());
         }
-        for organization in db::memberships::organizations(self.db.pool()).await? {
+        for organization in self.db.organizations().await? {
             match crate::resync::resync(&self.db, &self.workos, &organization, false, now).await {
                 Ok(changes) => {
                     tracing::info!(organization_id = %organization, memberships = changes.len(), "resynced after a refused cursor")
@@ -224,25 +224,25 @@ impl Syncer {
         let mut attempt = 0;
         let (mut tx, receipts) = loop {
             let mut tx = self.db.begin_write().await.map_err(SyncError::Db)?;
-            match deliver_batch_in(&mut tx, &self.db, &batch, now).await {
+            match deliver_batch_in(&mut tx, &batch, now).await {
                 Ok(receipts) => break (tx, receipts),
                 // A webhook stored one of these events meanwhile (or a deadlock): run the page
                 // again, which now sees that event as a duplicate.
                 Err(e) if e.is_transient() && attempt < TRANSIENT_RETRIES => {
                     tracing::debug!(error = %e, attempt, "retrying an Events API page");
                     attempt += 1;
-                    let _ = tx.rollback().await;
+                    tx.rollback().await;
                 }
                 Err(e) => return Err(e.into()),
             }
         };
         if let Some(to) = &moved_to {
-            if !db::sync_state::advance(&mut *tx, STREAM, cursor, to, now).await? {
-                tx.rollback().await.map_err(DbError::from)?;
+            if !tx.advance_cursor(STREAM, cursor, to, now).await? {
+                tx.rollback().await;
                 return Ok(Applied::Whole);
             }
         }
-        tx.commit().await.map_err(DbError::from)?;
+        tx.commit().await?;
         report.pages += 1;
         report.events += receipts.len();
         for receipt in receipts {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::Result;
-use rolesync::db::Db;
+use rolesync::db::{self, Db};
 use serde_json::{json, Value};
 
 use crate::model::{Expected, Outcome, Tally};
@@ -78,15 +78,19 @@ pub struct Snapshot {
 
 async fn grouped(db: &Db, table: &str) -> Result<BTreeMap<String, i64>> {
     let sql = format!("SELECT outcome, COUNT(*) FROM {table} GROUP BY outcome");
-    let rows: Vec<(String, i64)> = sqlx::query_as(&sql).fetch_all(db.pool()).await?;
-    Ok(rows.into_iter().collect())
+    let rows = db.rows(&sql, &[]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r[0].text().unwrap_or_default(), r[1].int()))
+        .collect())
 }
 
 /// Reads the counts now.
 pub async fn snapshot(db: &Db) -> Result<Snapshot> {
-    let audit_max_id = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM role_audit")
-        .fetch_one(db.pool())
-        .await?;
+    let audit_max_id = db
+        .rows("SELECT COALESCE(MAX(id), 0) FROM role_audit", &[])
+        .await?[0][0]
+        .int();
     Ok(Snapshot {
         inbox: grouped(db, "webhook_events").await?,
         audit: grouped(db, "role_audit").await?,
@@ -196,10 +200,7 @@ pub fn check_audit_counts(ledger: &mut Ledger, delta: &Snapshot, answers: &Tally
 
 /// Counts rows of `role_audit` added by the run (`$1` is the last id before it) matching `sql`.
 async fn count_new_audit(db: &Db, before: &Snapshot, sql: &str) -> Result<i64> {
-    Ok(sqlx::query_scalar(sql)
-        .bind(before.audit_max_id)
-        .fetch_one(db.pool())
-        .await?)
+    Ok(db.rows(sql, &[db::Value::Int(before.audit_max_id)]).await?[0][0].int())
 }
 
 /// Every new audit row is a webhook decision naming a stored event with the same outcome, and no
@@ -239,7 +240,7 @@ pub async fn check_audit_rows(ledger: &mut Ledger, db: &Db, before: &Snapshot) -
     Ok(())
 }
 
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 struct Row {
     user_id: String,
     membership_id: String,
@@ -256,14 +257,26 @@ pub async fn check_memberships(
     expected: &[Option<Expected>],
 ) -> Result<()> {
     let m = expected.len();
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT user_id, membership_id, role_slug, workos_role_slug, status, version FROM memberships \
-         WHERE organization_id >= 'org_bench_' AND organization_id <= $1 AND user_id < $2",
-    )
-    .bind(org_id(m.saturating_sub(1)))
-    .bind(user_id(m))
-    .fetch_all(db.pool())
-    .await?;
+    let rows: Vec<Row> = db
+        .rows(
+            "SELECT user_id, membership_id, role_slug, workos_role_slug, status, version FROM memberships \
+             WHERE organization_id >= 'org_bench_' AND organization_id <= $1 AND user_id < $2",
+            &[
+                db::Value::from(org_id(m.saturating_sub(1))),
+                db::Value::from(user_id(m)),
+            ],
+        )
+        .await?
+        .into_iter()
+        .map(|r| Row {
+            user_id: r[0].text().unwrap_or_default(),
+            membership_id: r[1].text().unwrap_or_default(),
+            role_slug: r[2].text(),
+            workos_role_slug: r[3].text(),
+            status: r[4].text().unwrap_or_default(),
+            version: r[5].text().unwrap_or_default(),
+        })
+        .collect();
     let want = expected.iter().filter(|e| e.is_some()).count();
     ledger.equal(
         "membership rows",

@@ -133,21 +133,22 @@ struct DbState {
 }
 
 async fn db_state(db: &Db) -> Result<DbState> {
-    let audit = sqlx::query_scalar("SELECT COUNT(*) FROM role_audit")
-        .fetch_one(db.pool())
-        .await?;
-    let audit_login_applied = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM role_audit WHERE source = 'login' AND outcome = 'applied'",
-    )
-    .fetch_one(db.pool())
-    .await?;
-    let rows: Vec<(String, Option<String>, String, String, String)> =
-        sqlx::query_as("SELECT user_id, role_slug, status, version, updated_at FROM memberships")
-            .fetch_all(db.pool())
+    let count = |sql: &'static str| async move { anyhow::Ok(db.rows(sql, &[]).await?[0][0].int()) };
+    let audit = count("SELECT COUNT(*) FROM role_audit").await?;
+    let audit_login_applied =
+        count("SELECT COUNT(*) FROM role_audit WHERE source = 'login' AND outcome = 'applied'")
             .await?;
-    let rows = rows
+    let rows = db
+        .rows(
+            "SELECT user_id, role_slug, status, version, updated_at FROM memberships",
+            &[],
+        )
+        .await?
         .into_iter()
-        .map(|(u, r, s, v, at)| (u, (r, s, v, at)))
+        .map(|r| {
+            let text = |i: usize| r[i].text().unwrap_or_default();
+            (text(0), (r[1].text(), text(2), text(3), text(4)))
+        })
         .collect();
     Ok(DbState {
         audit,

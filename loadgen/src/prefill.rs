@@ -4,9 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use rolesync::db::{Backend, Db};
-use sqlx::pool::PoolConnection;
-use sqlx::{Any, Executor};
+use rolesync::db::{Backend, Db, Value};
 
 use crate::workload::{ts, PREFILL_VERSION_MS, USERS_PER_ORG};
 
@@ -21,16 +19,18 @@ const AUDIT_COLUMNS: &str =
 
 /// The SQL of one chunk: rows `$1..$2`; `$3` the version text; for audit rows `$4` the membership count.
 fn chunk_sql(backend: Backend, audit: bool) -> String {
-    let (seq, n, from) = match backend {
+    let (seq, n, from, at) = match backend {
         Backend::Sqlite => (
             "WITH RECURSIVE seq(n) AS (SELECT $1 UNION ALL SELECT n + 1 FROM seq WHERE n + 1 < $2) ",
             if audit { "(n % $4)" } else { "n" },
             "FROM seq",
+            "$3",
         ),
         Backend::Postgres => (
             "",
             if audit { "(n % $4::bigint)" } else { "n" },
             "FROM generate_series($1::bigint, $2::bigint - 1) AS g(n)",
+            "$3::timestamptz",
         ),
     };
     let id = |prefix: &str, width: usize, of: &str| match backend {
@@ -45,13 +45,13 @@ fn chunk_sql(backend: Backend, audit: bool) -> String {
     );
     if audit {
         format!(
-            "{seq}INSERT INTO role_audit ({AUDIT_COLUMNS}) SELECT $3, {keys}, 'resync', NULL, 'member', \
-             'member', 'member', 'active', 'active', 'applied', 'bench prefill', $3 {from}"
+            "{seq}INSERT INTO role_audit ({AUDIT_COLUMNS}) SELECT {at}, {keys}, 'resync', NULL, 'member', \
+             'member', 'member', 'active', 'active', 'applied', 'bench prefill', {at} {from}"
         )
     } else {
         format!(
             "{seq}INSERT INTO memberships ({MEMBERSHIP_COLUMNS}) SELECT {keys}, 'member', 'member', \
-             'active', $3, $3 {from}"
+             'active', {at}, {at} {from}"
         )
     }
 }
@@ -59,51 +59,43 @@ fn chunk_sql(backend: Backend, audit: bool) -> String {
 /// Inserts memberships `0..memberships` and `audit` audit rows spread over them; returns the time taken.
 pub async fn run(db: &Db, memberships: usize, audit: usize) -> Result<Duration> {
     let started = Instant::now();
-    let mut conn = db.pool().acquire().await?;
+    // Each chunk is one transaction, so PostgreSQL's commit waits once per half a million rows.
     if db.backend() == Backend::Sqlite {
-        // A throwaway load: durability of each chunk does not matter, speed does.
-        conn.execute("PRAGMA synchronous = OFF; PRAGMA cache_size = -262144;")
+        // A throwaway load: durability of each chunk does not matter, speed does (the prefill runs
+        // on one connection at a time, so the pool hands the same one back).
+        db.execute("PRAGMA synchronous = OFF; PRAGMA cache_size = -262144;")
             .await?;
-    } else {
-        conn.execute("SET synchronous_commit = off").await?;
     }
     let version = ts(PREFILL_VERSION_MS);
-    insert_chunks(
-        &mut conn,
-        db.backend(),
-        false,
-        memberships,
-        memberships,
-        &version,
-    )
-    .await
-    .context("prefill memberships")?;
-    insert_chunks(&mut conn, db.backend(), true, audit, memberships, &version)
+    insert_chunks(db, false, memberships, memberships, &version)
+        .await
+        .context("prefill memberships")?;
+    insert_chunks(db, true, audit, memberships, &version)
         .await
         .context("prefill role_audit")?;
-    settle(&mut conn, db.backend()).await?;
+    settle(db).await?;
     Ok(started.elapsed())
 }
 
 async fn insert_chunks(
-    conn: &mut PoolConnection<Any>,
-    backend: Backend,
+    db: &Db,
     audit: bool,
     rows: usize,
     memberships: usize,
     version: &str,
 ) -> Result<()> {
-    let sql = chunk_sql(backend, audit);
+    let sql = chunk_sql(db.backend(), audit);
     for lo in (0..rows).step_by(CHUNK) {
         let hi = (lo + CHUNK).min(rows);
-        let mut query = sqlx::query(&sql)
-            .bind(lo as i64)
-            .bind(hi as i64)
-            .bind(version);
+        let mut params = vec![
+            Value::Int(lo as i64),
+            Value::Int(hi as i64),
+            Value::from(version),
+        ];
         if audit {
-            query = query.bind(memberships as i64);
+            params.push(Value::Int(memberships as i64));
         }
-        query.execute(&mut **conn).await?;
+        db.rows(&sql, &params).await?;
         eprintln!(
             "loadgen: prefilled {hi}/{rows} {}",
             if audit { "audit rows" } else { "memberships" }
@@ -114,13 +106,13 @@ async fn insert_chunks(
 
 /// Leaves the database as a long-running one would be: WAL checkpointed (SQLite), vacuumed and
 /// analysed (PostgreSQL, whose autovacuum would otherwise do it during the run).
-async fn settle(conn: &mut PoolConnection<Any>, backend: Backend) -> Result<()> {
-    let statements: &[&str] = match backend {
+async fn settle(db: &Db) -> Result<()> {
+    let statements: &[&str] = match db.backend() {
         Backend::Sqlite => &["PRAGMA wal_checkpoint(TRUNCATE)"],
         Backend::Postgres => &["VACUUM ANALYZE memberships", "VACUUM ANALYZE role_audit"],
     };
     for sql in statements {
-        conn.execute(*sql).await?;
+        db.execute(sql).await?;
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! What every part of the database layer shares: the error, the backends, membership keys, the
-//! migrations and the SQLite pragmas.
+//! migrations and the values of operators' rows.
 
 use sqlx::migrate::Migrator;
 
@@ -54,38 +54,6 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// `rows` tuples of `columns` placeholders: `($1, $2), ($3, $4), ...` on PostgreSQL; `(?, ?), ...`
-    /// on SQLite, whose driver looks every numbered name up by a linear scan when binding.
-    pub fn values_list(self, rows: usize, columns: usize) -> String {
-        let mut out = String::with_capacity(rows * columns * 5);
-        for row in 0..rows {
-            out.push_str(if row == 0 { "(" } else { ", (" });
-            for column in 0..columns {
-                if column > 0 {
-                    out.push_str(", ");
-                }
-                match self {
-                    Self::Sqlite => out.push('?'),
-                    Self::Postgres => {
-                        out.push('$');
-                        out.push_str(&(row * columns + column + 1).to_string());
-                    }
-                }
-            }
-            out.push(')');
-        }
-        out
-    }
-
-    /// The statement that begins a write transaction: on SQLite it takes the write lock up front
-    /// (`BEGIN IMMEDIATE`) so that a read-then-write never fails to upgrade.
-    pub(super) fn begin_write_sql(self) -> &'static str {
-        match self {
-            Self::Sqlite => "BEGIN IMMEDIATE",
-            Self::Postgres => "BEGIN",
-        }
-    }
-
     /// The backend of a `sqlite:` or `postgres:`/`postgresql:` URL.
     pub fn of_url(url: &str) -> Option<Self> {
         let scheme = url.split_once(':')?.0;
@@ -95,12 +63,6 @@ impl Backend {
             _ => None,
         }
     }
-}
-
-/// A timestamp column read as text, as a decode error when it is not one.
-pub(super) fn decode_timestamp(text: String) -> Result<crate::timestamp::Timestamp, DbError> {
-    crate::timestamp::Timestamp::try_from(text)
-        .map_err(|e| DbError::Sqlx(sqlx::Error::Decode(e.into())))
 }
 
 /// The advisory lock names of these memberships, sorted and distinct: every PostgreSQL writer takes
@@ -115,10 +77,55 @@ pub(super) fn lock_names(keys: &[&Key]) -> Vec<String> {
     names
 }
 
-/// Pragmas that make an acknowledged SQLite write survive a crash and let readers run beside a writer.
-/// `wal_autocheckpoint` is a fallback: the checkpointer ([`sqlite_writer::Checkpointer`], woken by
-/// every commit of the process) keeps the WAL far smaller, outside every writer's transaction
-/// (SQLite's default, 1,000 frames, would make every writer checkpoint by itself).
-pub(super) const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-     PRAGMA busy_timeout = 30000; PRAGMA foreign_keys = ON; PRAGMA cache_size = -8000; \
-     PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 10000;";
+/// One value of a row read by an operator's statement ([`crate::db::Db::rows`]): SQL NULL, an
+/// integer (booleans as 0 and 1), or text (times as rolesync renders them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    Null,
+    Int(i64),
+    Text(String),
+}
+
+impl Value {
+    /// The text, or `None` for NULL; an integer as digits.
+    pub fn text(&self) -> Option<String> {
+        match self {
+            Self::Null => None,
+            Self::Int(n) => Some(n.to_string()),
+            Self::Text(s) => Some(s.clone()),
+        }
+    }
+
+    /// The integer; 0 for NULL or text that is no integer.
+    pub fn int(&self) -> i64 {
+        match self {
+            Self::Int(n) => *n,
+            Self::Text(s) => s.parse().unwrap_or(0),
+            Self::Null => 0,
+        }
+    }
+}
+
+impl From<&str> for Value {
+    fn from(s: &str) -> Self {
+        Self::Text(s.to_owned())
+    }
+}
+
+impl From<String> for Value {
+    fn from(s: String) -> Self {
+        Self::Text(s)
+    }
+}
+
+impl From<i64> for Value {
+    fn from(n: i64) -> Self {
+        Self::Int(n)
+    }
+}
+
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(v: Option<T>) -> Self {
+        v.map_or(Self::Null, Into::into)
+    }
+}

@@ -6,11 +6,10 @@ use std::path::{Path, PathBuf};
 
 use sqlx::migrate::Migrator;
 
-use sqlx::{AnyPool, Executor};
-
 use super::base::{Backend, DbError, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
 use super::pool::Db;
-use super::sqlite_writer;
+use super::sqlite::conn::file_of_url;
+use super::{postgres, sqlite};
 
 /// What a SQLite file holds first (the SQLite file format's 16-byte header string).
 const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
@@ -30,7 +29,7 @@ impl MigrationState {
 }
 
 impl Backend {
-    fn migrator(self) -> &'static Migrator {
+    pub(super) fn migrator(self) -> &'static Migrator {
         match self {
             Self::Sqlite => &SQLITE_MIGRATIONS,
             Self::Postgres => &POSTGRES_MIGRATIONS,
@@ -44,7 +43,7 @@ pub fn sqlite_path(url: &str) -> Result<Option<PathBuf>, DbError> {
     if Backend::of_url(url) != Some(Backend::Sqlite) {
         return Ok(None);
     }
-    Ok(sqlite_writer::file_of_url(url)?.map(|file| {
+    Ok(file_of_url(url)?.map(|file| {
         std::env::current_dir()
             .map(|dir| dir.join(&file))
             .unwrap_or(file)
@@ -107,79 +106,28 @@ impl Db {
     /// Applies pending migrations; returns how many. An up-to-date database is only read: on
     /// PostgreSQL the migrator's `CREATE TABLE IF NOT EXISTS` would log a notice at every start.
     pub async fn apply_migrations(&self) -> Result<usize, DbError> {
-        if self.backend() == Backend::Postgres {
-            create_search_path_schema(self.pool()).await?;
+        if let Some(pool) = self.postgres_pool() {
+            postgres::create_search_path_schema(pool).await?;
         }
         let before = self.migration_state().await?;
         if before.is_current() {
             return Ok(0);
         }
-        self.backend().migrator().run(self.pool()).await?;
+        match self.sqlite_or(sqlite::migrate).await {
+            Ok(done) => done?,
+            Err(pool) => POSTGRES_MIGRATIONS.run(pool).await?,
+        }
         let after = self.migration_state().await?;
         Ok(after.applied.saturating_sub(before.applied))
     }
 
     /// Version to checksum of each successful migration; empty without a migration table.
     async fn applied_checksums(&self) -> Result<HashMap<i64, Vec<u8>>, DbError> {
-        let exists = match self.backend() {
-            Backend::Sqlite => {
-                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'"
-            }
-            Backend::Postgres => {
-                "SELECT COUNT(*) FROM information_schema.tables \
-                 WHERE table_schema = current_schema() AND table_name = '_sqlx_migrations'"
-            }
-        };
-        let tables: i64 = sqlx::query_scalar(exists).fetch_one(self.pool()).await?;
-        if tables == 0 {
-            return Ok(HashMap::new());
+        match self.sqlite_or(sqlite::applied_checksums).await {
+            Ok(done) => done,
+            Err(pool) => postgres::applied_checksums(pool).await,
         }
-        let rows: Vec<(i64, Vec<u8>)> =
-            sqlx::query_as("SELECT version, checksum FROM _sqlx_migrations WHERE success")
-                .fetch_all(self.pool())
-                .await?;
-        Ok(rows.into_iter().collect())
     }
-}
-
-/// Creates the schema a URL's `options=-c search_path=NAME[,...]` names first when it does not
-/// exist yet, so that rolesync's tables (and `_sqlx_migrations`) go there rather than into
-/// `public` beside the app's own tables (PostgreSQL creates in the first schema that exists).
-async fn create_search_path_schema(pool: &AnyPool) -> Result<(), DbError> {
-    let path: String = sqlx::query_scalar("SELECT current_setting('search_path')")
-        .fetch_one(pool)
-        .await?;
-    let Some(schema) = first_schema(&path) else {
-        return Ok(());
-    };
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
-            .bind(&schema)
-            .fetch_one(pool)
-            .await?;
-    if !exists {
-        // Only when missing: CREATE SCHEMA needs a privilege that using an existing one does not.
-        let sql = format!(
-            "CREATE SCHEMA IF NOT EXISTS \"{}\"",
-            schema.replace('"', "\"\"")
-        );
-        pool.execute(sql.as_str()).await?;
-    }
-    Ok(())
-}
-
-/// The first schema named in a `search_path` setting (`"$user"`, a session-dependent entry, skipped).
-fn first_schema(search_path: &str) -> Option<String> {
-    search_path
-        .split(',')
-        .map(|entry| {
-            let entry = entry.trim();
-            match entry.strip_prefix('"').and_then(|e| e.strip_suffix('"')) {
-                Some(quoted) => quoted.replace("\"\"", "\""),
-                None => entry.to_ascii_lowercase(),
-            }
-        })
-        .find(|name| !name.is_empty() && name != "$user")
 }
 
 #[cfg(test)]
@@ -201,19 +149,6 @@ mod tests {
         assert!(check_sqlite_file(dir.path()).is_err(), "a directory");
         for ok in ["empty.db", "real.db", "missing.db"] {
             assert_eq!(check_sqlite_file(&path(ok)), Ok(()), "{ok}");
-        }
-    }
-
-    #[test]
-    fn the_first_schema_of_a_search_path_is_read_as_postgresql_reads_it() {
-        for (path, expected) in [
-            ("rolesync", Some("rolesync")),
-            ("RoleSync, public", Some("rolesync")),
-            ("\"$user\", public", Some("public")),
-            ("\"Role \"\"Sync\"\"\", public", Some("Role \"Sync\"")),
-            ("", None),
-        ] {
-            assert_eq!(first_schema(path).as_deref(), expected, "{path:?}");
         }
     }
 }

@@ -1,11 +1,12 @@
-//! The statements of a batch write, behind one interface, so that the reconcile rules and the
-//! webhook batch run unchanged on every way rolesync talks to its database: sqlx (both backends), the
-//! SQLite group-commit writer ([`super::sqlite_writer`]) and the PostgreSQL one ([`super::pg_writer`]).
+//! The statements of a batch write, behind one interface, so that the one write path
+//! ([`crate::reconcile::apply`]) runs unchanged on both backends; and the rows the rest of rolesync
+//! reads back. [`super::Store`] is a write transaction's interface, whichever backend holds it.
 
 use std::collections::{HashMap, HashSet};
 
+use serde::Serialize;
+
 use super::base::{DbError, Key};
-use super::inbox::InboxRow;
 use crate::domain::{AuditEntry, HistoryMark, Membership};
 use crate::timestamp::Timestamp;
 
@@ -22,8 +23,8 @@ pub trait BatchStore {
     /// What a batch reads once it holds its locks: which of these event ids the inbox holds, the
     /// stored rows of these memberships and every known role.
     async fn read(&mut self, event_ids: &[&str], keys: &[&Key]) -> Result<Snapshot, DbError>;
-    /// The audit trail of each point as of its version ([`audit::as_of_many`]); a point with no
-    /// trail is absent.
+    /// The audit trail of each point as of its version: the latest row at or before it, where a
+    /// stale row counts only at exactly that version; a point with no trail is absent.
     async fn trails(
         &mut self,
         points: &[TrailPoint<'_>],
@@ -51,4 +52,50 @@ pub struct Snapshot {
 pub struct Writes<'a> {
     pub memberships: Vec<&'a Membership>,
     pub audits: &'a [AuditEntry],
+}
+
+/// A delivery to record.
+#[derive(Debug, Clone)]
+pub struct InboxRow<'a> {
+    pub event_id: &'a str,
+    pub event_type: &'a str,
+    pub payload: &'a str,
+    pub outcome: &'a str,
+}
+
+/// A stored audit row, as read back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditRow {
+    pub id: i64,
+    pub recorded_at: String,
+    pub organization_id: String,
+    pub user_id: String,
+    pub membership_id: String,
+    pub source: String,
+    pub event_id: Option<String>,
+    pub workos_role_slug: Option<String>,
+    pub old_role: Option<String>,
+    pub new_role: Option<String>,
+    pub old_status: Option<String>,
+    pub new_status: Option<String>,
+    pub outcome: String,
+    pub detail: String,
+    pub version: String,
+}
+
+/// A stored delivery read back for replay.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub event_id: String,
+    pub received_at: String,
+    pub payload: String,
+    pub outcome: String,
+}
+
+/// Which stored deliveries to read back.
+#[derive(Debug, Clone, Default)]
+pub struct StoredFilter {
+    pub since: Option<Timestamp>,
+    pub event_id: Option<String>,
+    pub outcome: Option<String>,
 }

@@ -12,7 +12,6 @@ use serde_json::Value;
 
 use super::error::AppError;
 use super::state::AppState;
-use crate::db;
 use crate::domain::{check_id, Membership, Outcome};
 use crate::login::{self, LoginAnswer, LoginService};
 use crate::metrics::LoginLabels;
@@ -96,7 +95,8 @@ pub async fn get_membership(
     if check_id(&organization_id).is_err() || check_id(&user_id).is_err() {
         return Err(AppError::NotFound);
     }
-    db::memberships::get(app.db.pool(), &organization_id, &user_id)
+    app.db
+        .membership(&organization_id, &user_id)
         .await?
         .map(Json)
         .ok_or(AppError::NotFound)

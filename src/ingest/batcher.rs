@@ -5,14 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::{AnyConnection, PgConnection};
 use std::hash::{Hash, Hasher};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::db::sqlite_writer::SqliteWriter;
-use crate::db::{Db, DbError};
-use crate::ingest::{deliver_batch_on, deliver_batch_pg, deliver_batch_sqlite, Incoming, Receipt};
+use crate::db::{Committer, Db, DbError};
+use crate::ingest::{deliver_batch_on, Incoming, Receipt};
 use crate::metrics::Metrics;
 use crate::timestamp::SharedClock;
 
@@ -62,11 +60,11 @@ impl Batcher {
             // Its queue has no other consumer, so a committer that panics is started again (the
             // deliveries of the batch it held are answered 503 and retried by WorkOS).
             let run = move || loop {
-                let committer = Committer {
+                let committer = Worker {
                     db: db.clone(),
                     clock: clock.clone(),
                     metrics: metrics.clone(),
-                    link: None,
+                    link: db.committer(),
                 };
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -128,24 +126,17 @@ fn shard(incoming: &Incoming, queues: usize) -> usize {
     (hasher.finish() % queues as u64) as usize
 }
 
-/// One committer: it keeps its own connection, so that SQLite's page cache and the prepared statements
-/// stay warm from one batch to the next (a pooled connection would change every batch).
-struct Committer {
+/// One committer: it keeps its own connection ([`Committer`]), so that SQLite's page cache and the
+/// prepared statements stay warm from one batch to the next (a pooled connection would change every
+/// batch).
+struct Worker {
     db: Db,
     clock: SharedClock,
     metrics: Arc<Metrics>,
-    link: Option<Link>,
+    link: Committer,
 }
 
-/// A committer's connection: the SQLite writer on a SQLite file, a native connection on PostgreSQL,
-/// else (an in-memory SQLite database) a sqlx connection.
-enum Link {
-    Sqlite(SqliteWriter),
-    Postgres(PgConnection),
-    Sqlx(AnyConnection),
-}
-
-async fn work(mut committer: Committer, queue: &mut mpsc::Receiver<Job>) {
+async fn work(mut committer: Worker, queue: &mut mpsc::Receiver<Job>) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     loop {
         let received = queue.recv_many(&mut jobs, MAX_BATCH).await;
@@ -162,7 +153,7 @@ async fn work(mut committer: Committer, queue: &mut mpsc::Receiver<Job>) {
     }
 }
 
-impl Committer {
+impl Worker {
     async fn commit(&mut self, jobs: Vec<Job>) {
         let (batch, replies): (Vec<Incoming>, Vec<_>) =
             jobs.into_iter().map(|j| (j.incoming, j.reply)).unzip();
@@ -203,8 +194,8 @@ impl Committer {
     /// after an error a retry cannot clear (not a conflict, deadlock or busy database) the connection
     /// is dropped and the next attempt takes a fresh one, so a broken connection is never reused.
     async fn once(&mut self, batch: &[Incoming]) -> Result<Vec<Receipt>, DbError> {
-        if self.db.pool().is_closed() {
-            self.link = None;
+        if self.db.is_closed() {
+            self.link.reset();
             return Err(DbError::Unavailable("the database pool is closed".into()));
         }
         let under_way = self.db.write_under_way();
@@ -216,30 +207,13 @@ impl Committer {
 
     async fn attempt(&mut self, batch: &[Incoming]) -> Result<Vec<Receipt>, DbError> {
         if let Err(e) = self.db.check_file() {
-            self.link = None;
+            self.link.reset();
             return Err(e);
         }
-        let link = match &mut self.link {
-            Some(link) => link,
-            None => {
-                let link = if let Some(writer) = self.db.sqlite_writer()? {
-                    Link::Sqlite(writer)
-                } else if let Some(conn) = self.db.postgres_committer().await? {
-                    Link::Postgres(conn)
-                } else {
-                    Link::Sqlx(self.db.dedicated().await?)
-                };
-                self.link.insert(link)
-            }
-        };
         let now = self.clock.now();
-        let result = match link {
-            Link::Sqlite(writer) => deliver_batch_sqlite(writer, &self.db, batch, now).await,
-            Link::Postgres(conn) => deliver_batch_pg(conn, batch, now).await,
-            Link::Sqlx(conn) => deliver_batch_on(conn, &self.db, batch, now).await,
-        };
+        let result = deliver_batch_on(&mut self.link, batch, now).await;
         if result.as_ref().is_err_and(|e| !e.is_transient()) {
-            self.link = None;
+            self.link.reset();
         }
         result
     }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use rolesync::db::inbox::StoredFilter;
-use rolesync::db::{self, Backend, Db};
+use rolesync::db::StoredFilter;
+use rolesync::db::{Backend, Db};
 use rolesync::metrics::Metrics;
 use rolesync::reconcile::Outcome;
 use rolesync::sync::{SyncError, SyncReport, Syncer, EVENTS, STREAM};
@@ -17,8 +17,8 @@ use serde_json::Value;
 
 use crate::fake_workos::{api_membership, page, FakeWorkos, Reply, Seen};
 use crate::support::{
-    assert_chain, audit_count, audit_of, membership, membership_event, v, TestApp, TestClock,
-    TestDb, SECRET,
+    assert_chain, audit_count, audit_of, exec, int, membership, membership_event, rows, v, TestApp,
+    TestClock, TestDb, SECRET,
 };
 
 /// The time every syncer's clock reads, the same as `TestApp`'s.
@@ -101,31 +101,36 @@ fn query_of(seen: &Seen) -> HashMap<String, String> {
 }
 
 async fn cursor(db: &Db) -> Option<String> {
-    db::sync_state::cursor(db.pool(), STREAM).await.unwrap()
+    db.cursor(STREAM).await.unwrap()
 }
 
 async fn inbox_count(db: &Db) -> i64 {
-    db::inbox::count(db.pool()).await.unwrap()
+    db.event_count().await.unwrap()
 }
 
 /// The stored payload and outcome of one inbox row, if the row exists.
 async fn inbox_row(db: &Db, event_id: &str) -> Option<(Option<String>, String)> {
-    sqlx::query_as("SELECT payload, outcome FROM webhook_events WHERE event_id = $1")
-        .bind(event_id)
-        .fetch_optional(db.pool())
+    let sql = "SELECT payload, outcome FROM webhook_events WHERE event_id = $1";
+    rows(db, sql, &[event_id])
         .await
-        .unwrap()
+        .pop()
+        .map(|mut row| (row[0].take(), row[1].take().unwrap()))
 }
 
 /// Audit rows per event id, for every event id that has any.
 async fn audit_rows_per_event(db: &Db) -> HashMap<String, i64> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT event_id, COUNT(*) FROM role_audit WHERE event_id IS NOT NULL GROUP BY event_id",
-    )
-    .fetch_all(db.pool())
-    .await
-    .unwrap();
-    rows.into_iter().collect()
+    let sql =
+        "SELECT event_id, COUNT(*) FROM role_audit WHERE event_id IS NOT NULL GROUP BY event_id";
+    rows(db, sql, &[])
+        .await
+        .into_iter()
+        .map(|row| {
+            (
+                row[0].clone().unwrap(),
+                row[1].as_ref().unwrap().parse().unwrap(),
+            )
+        })
+        .collect()
 }
 
 /// Asserts that events `evt_<0>`..`evt_<n-1>` are each stored once and audited exactly once.
@@ -256,7 +261,7 @@ both! {
         let app = app(&t.db);
         let fake = FakeWorkos::start().await;
         app.deliver(&membership_event("e1", "created", "user_1", "member", "active", 1)).await;
-        assert!(db::sync_state::advance(t.db.pool(), STREAM, None, "evt_expired", now()).await.unwrap());
+        assert!(t.db.advance_cursor(STREAM, None, "evt_expired", now()).await.unwrap());
         fake.script([
             Reply::status(400),
             page(vec![api_membership("user_1", "admin", "active", &v(2).to_string())], None),
@@ -359,15 +364,14 @@ both! {
     }
 
     async fn the_cursor_only_moves_from_the_value_a_syncer_read(t) {
-        let pool = t.db.pool();
-        let advance = |old: Option<&'static str>, new: &'static str| db::sync_state::advance(pool, STREAM, old, new, now());
+        let advance = |old: Option<&'static str>, new: &'static str| t.db.advance_cursor(STREAM, old, new, now());
         assert!(advance(None, "a").await.unwrap(), "the first cursor is set");
         assert!(!advance(None, "b").await.unwrap(), "a second first-run loses");
         assert!(!advance(Some("x"), "b").await.unwrap(), "a stale cursor loses");
         assert!(advance(Some("a"), "c").await.unwrap(), "the current cursor moves");
         assert_eq!(cursor(&t.db).await.as_deref(), Some("c"));
         // An operator clears the cursor to start over: the next first run takes it, once.
-        sqlx::query("UPDATE sync_state SET cursor = NULL").execute(pool).await.unwrap();
+        exec(&t.db, "UPDATE sync_state SET cursor = NULL").await;
         assert!(advance(None, "d").await.unwrap(), "a cleared cursor is set again");
         assert!(!advance(None, "e").await.unwrap(), "and a second first-run loses");
         assert_eq!(cursor(&t.db).await.as_deref(), Some("d"));
@@ -474,7 +478,7 @@ both! {
             let row = membership(&t.db, "org_1", user).await.unwrap();
             assert_eq!((row.role_slug.as_deref(), row.workos_role_slug.as_deref()), (Some("member"), Some("creator")), "{user}: the role is kept");
         }
-        assert!(db::roles::add(t.db.pool(), "creator", now()).await.unwrap());
+        assert!(t.db.add_role("creator", now()).await.unwrap());
         let filter = StoredFilter { outcome: Some("unknown_role".into()), ..StoredFilter::default() };
 
         let done = rolesync::replay::replay_stored(&t.db, &filter, now()).await.unwrap();
@@ -501,18 +505,18 @@ both! {
         let body = membership_event("e1", "updated", "user_1", "admin", "active", 1);
         assert_eq!(app.deliver(&body).await.1["outcome"], "applied");
         let future = Timestamp::from_millis(now().millis() + 86_400_000).unwrap();
-        assert_eq!(db::inbox::prune_payloads(t.db.pool(), future).await.unwrap(), 1);
+        assert_eq!(t.db.prune_payloads(future).await.unwrap(), 1);
         assert_eq!(inbox_row(&t.db, "e1").await, Some((None, "applied".to_owned())), "the id and outcome stay, the payload goes");
-        assert_eq!(db::inbox::prune_payloads(t.db.pool(), future).await.unwrap(), 0, "nothing left to prune");
+        assert_eq!(t.db.prune_payloads(future).await.unwrap(), 0, "nothing left to prune");
         app.clock.advance_millis(60_000);
         let (status, answer) = app.deliver(&body).await;
         assert_eq!((status, answer["outcome"].as_str()), (StatusCode::OK, Some("duplicate")), "{answer}");
         assert_eq!(audit_count(&t.db).await, 1);
         let replayed = rolesync::replay::replay_stored(&t.db, &StoredFilter::default(), now()).await.unwrap();
         assert!(replayed.is_empty(), "an event without payload cannot be replayed: {replayed:?}");
-        assert_eq!(db::inbox::pruned(t.db.pool(), &StoredFilter::default()).await.unwrap(), 1, "and it is counted as skipped");
+        assert_eq!(t.db.pruned_events(&StoredFilter::default()).await.unwrap(), 1, "and it is counted as skipped");
         let other = StoredFilter { event_id: Some("e2".into()), ..StoredFilter::default() };
-        assert_eq!(db::inbox::pruned(t.db.pool(), &other).await.unwrap(), 0, "under the same filter");
+        assert_eq!(t.db.pruned_events(&other).await.unwrap(), 0, "under the same filter");
     }
 
     async fn pruning_ids_deletes_only_rows_older_than_the_cutoff(t) {
@@ -521,7 +525,7 @@ both! {
         app.clock.advance_millis(2 * 3_600_000);
         app.deliver(&membership_event("e2", "updated", "user_1", "admin", "active", 2)).await;
         let cutoff = Timestamp::from_millis(now().millis() + 3_600_000).unwrap();
-        assert_eq!(db::inbox::prune_ids(t.db.pool(), cutoff).await.unwrap(), 1, "only e1 is older than the cutoff");
+        assert_eq!(t.db.prune_ids(cutoff).await.unwrap(), 1, "only e1 is older than the cutoff");
         assert!(inbox_row(&t.db, "e1").await.is_none());
         assert_eq!(inbox_row(&t.db, "e2").await.map(|r| r.1), Some("applied".to_owned()), "the younger id stays");
         let (_, answer) = app.deliver(&membership_event("e2", "updated", "user_1", "admin", "active", 2)).await;
@@ -681,7 +685,7 @@ async fn a_webhook_committing_the_same_event_during_a_sync_pass_on_postgres_does
     )
     .unwrap();
     let mut webhook = t.db.begin_write().await.unwrap();
-    let receipts = rolesync::ingest::deliver_batch_in(&mut webhook, &t.db, &[incoming], now())
+    let receipts = rolesync::ingest::deliver_batch_in(&mut webhook, &[incoming], now())
         .await
         .unwrap();
     assert_eq!(receipts[0].outcome, "applied");
@@ -690,12 +694,12 @@ async fn a_webhook_committing_the_same_event_during_a_sync_pass_on_postgres_does
     let pass = tokio::spawn(async move { s.run_once().await });
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let waiting: i64 = sqlx::query_scalar(
+        let waiting = int(
+            &t.db,
             "SELECT COUNT(*) FROM pg_locks WHERE NOT granted AND locktype = 'advisory'",
+            &[],
         )
-        .fetch_one(t.db.pool())
-        .await
-        .unwrap();
+        .await;
         if waiting > 0 {
             break;
         }

@@ -10,7 +10,7 @@ use rolesync::timestamp::Timestamp;
 use sqlx::{Connection, Executor, PgConnection};
 
 use crate::process::Server;
-use crate::support::{obs, postgres_admin_url, SECRET};
+use crate::support::{obs, postgres_admin_url, rows, SECRET};
 
 const BIN: &str = env!("CARGO_BIN_EXE_rolesync");
 
@@ -96,14 +96,19 @@ fn free_port() -> u16 {
 }
 
 async fn inbox(db: &Db) -> Vec<(String, Option<String>)> {
-    sqlx::query_as("SELECT event_id, payload FROM webhook_events ORDER BY event_id")
-        .fetch_all(db.pool())
-        .await
-        .unwrap()
+    rows(
+        db,
+        "SELECT event_id, payload FROM webhook_events ORDER BY event_id",
+        &[],
+    )
+    .await
+    .into_iter()
+    .map(|mut row| (row[0].take().unwrap(), row[1].take()))
+    .collect()
 }
 
 async fn roles(db: &Db) -> Vec<String> {
-    rolesync::db::roles::list(db.pool()).await.unwrap()
+    db.roles().await.unwrap()
 }
 
 /// A PostgreSQL database that exists but was never migrated; dropped with the guard.
@@ -151,8 +156,9 @@ impl EmptyPostgres {
 both! {
     async fn prune_refuses_durations_out_of_range_or_without_a_unit_and_keeps_every_id(t) {
         let now = Timestamp::now();
-        let rows = [rolesync::db::inbox::InboxRow { event_id: "e_fresh", event_type: "x", payload: "{}", outcome: "ignored" }];
-        rolesync::db::inbox::insert_many(t.db.pool(), t.db.backend(), &rows, now).await.unwrap();
+        let body = r#"{"id":"e_fresh","event":"x","data":{}}"#;
+        let ignored = rolesync::ingest::Incoming::parse(body.as_bytes(), rolesync::reconcile::Source::Webhook, now).unwrap();
+        rolesync::ingest::deliver_batch(&t.db, &[ignored], now).await.unwrap();
         let env = [("DATABASE_URL", t.url.as_str())];
         for (flag, value) in [
             ("--ids-older-than", "800000d"),
@@ -167,7 +173,7 @@ both! {
         }
         let run = rolesync(&["prune", "--ids-older-than", "36500d", "--payloads-older-than", "3d"], &env);
         assert_eq!((run.code, run.stdout.as_str()), (0, "0 payloads dropped\n0 event ids deleted\n"), "{run:?}");
-        assert_eq!(inbox(&t.db).await, [("e_fresh".to_owned(), Some("{}".to_owned()))], "the fresh id and its payload stay");
+        assert_eq!(inbox(&t.db).await, [("e_fresh".to_owned(), Some(body.to_owned()))], "the fresh id and its payload stay");
         rolesync(&["prune"], &env).refused(2, &["--payloads-older-than", "--ids-older-than"], "prune of nothing");
     }
 
@@ -263,7 +269,7 @@ both! {
         for limit in ["-1", "0", "many"] {
             rolesync(&["audit", "--limit", limit], &env).refused(2, &["--limit"], &format!("--limit {limit}"));
         }
-        assert!(rolesync::db::memberships::list(t.db.pool(), None).await.unwrap().is_empty());
+        assert!(t.db.memberships(None).await.unwrap().is_empty());
     }
 
     async fn replay_follows_the_listen_address_and_names_the_url_and_the_cause(t) {
@@ -382,7 +388,7 @@ async fn commands_other_than_serve_and_migrate_refuse_a_missing_or_unmigrated_da
     }
     assert_eq!(empty.tables().await, 0, "no table created");
     let run = rolesync(&["migrate"], &[("DATABASE_URL", &empty.url)]);
-    assert!(run.stdout.ends_with(": 3 migrations applied\n"), "{run:?}");
+    assert!(run.stdout.ends_with(": 4 migrations applied\n"), "{run:?}");
     assert!(rolesync(&["audit"], &[("DATABASE_URL", &empty.url)]).code == 0);
     empty.drop_database().await;
 }

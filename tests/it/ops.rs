@@ -168,7 +168,7 @@ async fn fail_inserts(db: &rolesync::db::Db, table: &str, on: bool) {
         (rolesync::db::Backend::Postgres, false) => vec![format!("DROP TRIGGER fail_{table} ON {table}")],
     };
     for sql in statements {
-        sqlx::raw_sql(&sql).execute(db.pool()).await.unwrap();
+        crate::support::exec(db, &sql).await;
     }
 }
 

@@ -217,7 +217,7 @@ both! {
         let acknowledged = acknowledged.lock().unwrap().clone();
         assert!(!acknowledged.is_empty(), "some deliveries were answered before the signal");
         let db = rolesync::db::Db::connect(&t.url, 2).await.unwrap();
-        let stored: Vec<String> = sqlx::query_scalar("SELECT event_id FROM webhook_events").fetch_all(db.pool()).await.unwrap();
+        let stored = crate::support::strings(&db, "SELECT event_id FROM webhook_events", &[]).await;
         let stored: std::collections::HashSet<String> = stored.into_iter().collect();
         let lost: Vec<&String> = acknowledged.iter().filter(|id| !stored.contains(*id)).collect();
         assert!(lost.is_empty(), "{} acknowledged deliveries are not stored: {lost:?}", lost.len());

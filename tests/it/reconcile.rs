@@ -393,11 +393,11 @@ both! {
         let dropped = t.db.begin_write().await.unwrap();
         drop(dropped);
         let mut failing = t.db.begin_write().await.unwrap();
-        assert!(sqlx::query("INSERT INTO no_such_table VALUES (1)").execute(&mut *failing).await.is_err());
+        assert!(failing.execute("INSERT INTO no_such_table VALUES (1)").await.is_err());
         drop(failing);
         let next = tokio::time::timeout(std::time::Duration::from_secs(30), t.db.begin_write()).await;
         let mut next = next.expect("the next writer gets its turn").unwrap();
-        rolesync::reconcile::reconcile_batch(&mut next, &t.db, &[&obs(1, Some("admin"), "active", false)], v(2)).await.unwrap();
+        rolesync::reconcile::reconcile_batch(&mut next, &[&obs(1, Some("admin"), "active", false)], v(2)).await.unwrap();
         next.commit().await.unwrap();
         assert_eq!(membership(&t.db, "org_1", "user_1").await.unwrap().role_slug.as_deref(), Some("admin"));
     }
@@ -454,7 +454,7 @@ async fn concurrent_reconciles(db: &Db) {
     assert_versions_audited_once(&audit);
 }
 
-fn assert_versions_audited_once(audit: &[rolesync::db::audit::AuditRow]) {
+fn assert_versions_audited_once(audit: &[rolesync::db::AuditRow]) {
     let mut seen = BTreeMap::new();
     for r in audit {
         *seen.entry(r.version.clone()).or_insert(0) += 1;
@@ -533,32 +533,19 @@ fn any_order_of_observations_converges_on_postgres() {
 
 async fn commit_batch(db: &Db, part: &[&Observation]) -> Vec<Outcome> {
     let mut tx = db.begin_write().await.unwrap();
-    let outcomes = rolesync::reconcile::reconcile_batch(&mut tx, db, part, v(100))
+    let outcomes = rolesync::reconcile::reconcile_batch(&mut tx, part, v(100))
         .await
         .unwrap();
     tx.commit().await.unwrap();
     outcomes
 }
 
-/// [`commit_batch`] through the SQLite group-commit writer (rusqlite, one statement per row).
-async fn commit_batch_on_writer(db: &Db, part: &[&Observation]) -> Vec<Outcome> {
-    let mut writer = db.sqlite_writer().unwrap().expect("a SQLite file");
-    let _turn = db.writer_turn().await;
-    let mut store = writer.begin().unwrap();
-    let outcomes = rolesync::reconcile::reconcile_in(&mut store, part, v(100))
-        .await
-        .unwrap();
-    writer.commit().unwrap();
-    outcomes
-}
-
-/// [`commit_batch`] through the PostgreSQL group-commit workers' store (native, array-bound).
-async fn commit_batch_on_pg_writer(db: &Db, part: &[&Observation]) -> Vec<Outcome> {
-    use sqlx::Connection;
-    let mut conn = db.postgres_committer().await.unwrap().expect("PostgreSQL");
-    let mut tx = conn.begin().await.unwrap();
-    let mut store = rolesync::db::pg_writer::PgStore { conn: &mut tx };
-    let outcomes = rolesync::reconcile::reconcile_in(&mut store, part, v(100))
+/// [`commit_batch`] on a group-commit worker's own connection ([`rolesync::db::Committer`]: on
+/// SQLite a rusqlite connection of its own, on PostgreSQL a native one with per-execution plans).
+async fn commit_batch_on_committer(db: &Db, part: &[&Observation]) -> Vec<Outcome> {
+    let mut committer = db.committer();
+    let mut tx = committer.begin().await.unwrap();
+    let outcomes = rolesync::reconcile::reconcile_in(&mut tx.store(), part, v(100))
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -568,13 +555,12 @@ async fn commit_batch_on_pg_writer(db: &Db, part: &[&Observation]) -> Vec<Outcom
 /// Which implementation commits the batches of [`batching_property`].
 #[derive(Clone, Copy)]
 enum Batches {
-    Sqlx,
-    SqliteWriter,
-    PgWriter,
+    Pooled,
+    Committer,
 }
 
 /// Any split of a delivery sequence into batches (as group commit makes them) gives the same
-/// outcomes, audit rows and final row as reconciling the deliveries one at a time (through sqlx),
+/// outcomes, audit rows and final row as reconciling the deliveries one at a time (through the pool),
 /// stale repeats and their trail lookups included.
 fn batching_property(backend: Backend, batches: Batches) {
     let (rt, t) = property_db(backend);
@@ -616,14 +602,13 @@ fn batching_property(backend: Backend, batches: Batches) {
                 if cuts[i] || i + 1 == in_batches.len() {
                     let part = std::mem::take(&mut part);
                     got.extend(match batches {
-                        Batches::Sqlx => commit_batch(&t.db, &part).await,
-                        Batches::SqliteWriter => commit_batch_on_writer(&t.db, &part).await,
-                        Batches::PgWriter => commit_batch_on_pg_writer(&t.db, &part).await,
+                        Batches::Pooled => commit_batch(&t.db, &part).await,
+                        Batches::Committer => commit_batch_on_committer(&t.db, &part).await,
                     });
                 }
             }
             prop_assert_eq!(&got, &expected, "outcomes");
-            let strip = |rows: Vec<rolesync::db::audit::AuditRow>| -> Vec<_> {
+            let strip = |rows: Vec<rolesync::db::AuditRow>| -> Vec<_> {
                 rows.into_iter().map(|r| (r.outcome, r.version, r.workos_role_slug, r.old_role, r.new_role, r.old_status, r.new_status)).collect()
             };
             let audit_single = strip(audit_of(&t.db, "org_1", &single).await);
@@ -641,20 +626,20 @@ fn batching_property(backend: Backend, batches: Batches) {
 
 #[test]
 fn any_split_into_batches_matches_one_at_a_time_on_sqlite() {
-    batching_property(Backend::Sqlite, Batches::Sqlx);
+    batching_property(Backend::Sqlite, Batches::Pooled);
 }
 
 #[test]
 fn any_split_into_batches_matches_one_at_a_time_on_postgres() {
-    batching_property(Backend::Postgres, Batches::Sqlx);
+    batching_property(Backend::Postgres, Batches::Pooled);
 }
 
 #[test]
-fn any_split_into_batches_on_the_sqlite_writer_matches_one_at_a_time_through_sqlx() {
-    batching_property(Backend::Sqlite, Batches::SqliteWriter);
+fn any_split_into_batches_on_the_sqlite_committer_matches_one_at_a_time_through_the_pool() {
+    batching_property(Backend::Sqlite, Batches::Committer);
 }
 
 #[test]
-fn any_split_into_batches_on_the_postgres_writer_matches_one_at_a_time_through_sqlx() {
-    batching_property(Backend::Postgres, Batches::PgWriter);
+fn any_split_into_batches_on_the_postgres_committer_matches_one_at_a_time_through_the_pool() {
+    batching_property(Backend::Postgres, Batches::Committer);
 }

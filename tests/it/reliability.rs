@@ -14,7 +14,9 @@ use rolesync::timestamp::Timestamp;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::process::{post_signed, post_webhook, Server};
-use crate::support::{assert_chain, audit_of, membership, membership_event, TestApp, TestDb};
+use crate::support::{
+    assert_chain, audit_of, int, membership, membership_event, strings, TestApp, TestDb,
+};
 
 /// All orders of `items`.
 fn permutations(items: &[usize]) -> Vec<Vec<usize>> {
@@ -50,7 +52,7 @@ both! {
             assert_eq!((row.role_slug.as_deref(), row.status.as_str()), (Some("admin"), "active"), "order {order:?}");
             assert_chain(&audit_of(&t.db, "org_1", &user).await);
         }
-        assert_eq!(db::inbox::count(t.db.pool()).await.unwrap(), 720 * 6);
+        assert_eq!(t.db.event_count().await.unwrap(), 720 * 6);
     }
 
     async fn hostile_bodies_get_a_clear_4xx_and_change_nothing(t) {
@@ -67,7 +69,7 @@ both! {
         let huge = format!("t=1, v1={}", "a".repeat(64 * 1024));
         let (status, answer) = app.post_webhook(br#"{"id":"e","event":"x"}"#, Some(&huge)).await;
         assert_eq!((status, answer["error"].as_str()), (StatusCode::BAD_REQUEST, Some("malformed_signature")), "a 64 KiB signature header");
-        assert_eq!(db::inbox::count(t.db.pool()).await.unwrap(), 0);
+        assert_eq!(t.db.event_count().await.unwrap(), 0);
         assert_eq!(crate::support::audit_count(&t.db).await, 0);
     }
 
@@ -163,10 +165,7 @@ async fn assert_stored_once_and_converged(
     model: &BTreeMap<String, String>,
 ) {
     let db = Db::connect(url, 2).await.unwrap();
-    let stored: Vec<String> = sqlx::query_scalar("SELECT event_id FROM webhook_events")
-        .fetch_all(db.pool())
-        .await
-        .unwrap();
+    let stored = strings(&db, "SELECT event_id FROM webhook_events", &[]).await;
     assert_eq!(
         stored.len(),
         deliveries.len(),
@@ -350,7 +349,7 @@ async fn answer(client: &reqwest::Client, base: &str, body: Vec<u8>) -> String {
 async fn wal_stays_small(through_the_pool: bool) {
     let t = TestDb::new(Backend::Sqlite).await;
     let wal = format!("{}-wal", t.url.trim_start_matches("sqlite://"));
-    let mut writer = t.db.sqlite_writer().unwrap().expect("a SQLite file");
+    let mut committer = t.db.committer();
     let payload = "x".repeat(16 * 1024);
     let mut largest = 0;
     for batch in 0..60 {
@@ -365,20 +364,15 @@ async fn wal_stays_small(through_the_pool: bool) {
         let receipts = if through_the_pool {
             let mut tx = t.db.begin_write().await.unwrap();
             let receipts =
-                rolesync::ingest::deliver_batch_in(&mut tx, &t.db, &deliveries, Timestamp::now())
+                rolesync::ingest::deliver_batch_in(&mut tx, &deliveries, Timestamp::now())
                     .await
                     .unwrap();
             tx.commit().await.unwrap();
             receipts
         } else {
-            rolesync::ingest::deliver_batch_sqlite(
-                &mut writer,
-                &t.db,
-                &deliveries,
-                Timestamp::now(),
-            )
-            .await
-            .unwrap()
+            rolesync::ingest::deliver_batch_on(&mut committer, &deliveries, Timestamp::now())
+                .await
+                .unwrap()
         };
         assert!(receipts.iter().all(|r| r.outcome == "ignored"));
         // A restarted WAL is overwritten from its start, so its size is the most frames it held.
@@ -386,7 +380,7 @@ async fn wal_stays_small(through_the_pool: bool) {
     }
     let frames = largest / (4096 + 24);
     assert!(frames < 8_000, "the WAL grew to {frames} frames");
-    assert_eq!(db::inbox::count(t.db.pool()).await.unwrap(), 3000);
+    assert_eq!(t.db.event_count().await.unwrap(), 3000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,7 +400,7 @@ async fn the_sqlite_checkpointer_keeps_the_wal_small_under_steady_pool_commits()
 /// PostgreSQL would abort one of the two).
 #[tokio::test]
 async fn batches_sharing_unlocked_events_wait_for_each_other_instead_of_deadlocking() {
-    use rolesync::ingest::deliver_batch_pg;
+    use rolesync::ingest::deliver_batch_on;
     use sqlx::{Connection, Executor};
     let t = TestDb::new(Backend::Postgres).await;
     let ignored = |id: &str| {
@@ -423,29 +417,17 @@ async fn batches_sharing_unlocked_events_wait_for_each_other_instead_of_deadlock
     let mut other_tx = other.begin().await.unwrap();
     other_tx.execute(insert("x").as_str()).await.unwrap();
 
-    let mut mine =
-        t.db.postgres_committer()
-            .await
-            .unwrap()
-            .expect("PostgreSQL");
-    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut mine)
-        .await
-        .unwrap();
+    let mut mine = t.db.committer();
     let batch = vec![ignored("y"), ignored("x")];
     let committed = tokio::spawn(async move {
-        let result = deliver_batch_pg(&mut mine, &batch, Timestamp::now()).await;
+        let result = deliver_batch_on(&mut mine, &batch, Timestamp::now()).await;
         (result, mine)
     });
     let waiting = || async {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
-        )
-        .bind(pid)
-        .fetch_one(t.db.pool())
-        .await
-        .unwrap();
-        n
+        // The committer's connection is the only one of this database that waits on a lock.
+        let sql = "SELECT COUNT(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'";
+        int(&t.db, sql, &[]).await
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while waiting().await == 0 {
@@ -472,7 +454,7 @@ async fn batches_sharing_unlocked_events_wait_for_each_other_instead_of_deadlock
         "both ids were stored meanwhile: {result:?}"
     );
     let batch = vec![ignored("y"), ignored("x")];
-    let again = deliver_batch_pg(&mut mine, &batch, Timestamp::now())
+    let again = deliver_batch_on(&mut mine, &batch, Timestamp::now())
         .await
         .unwrap();
     let outcomes: Vec<&str> = again.iter().map(|r| r.outcome.as_str()).collect();

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use crate::fake_workos::{api_membership, page, FakeWorkos, Reply};
 use crate::process::{post_webhook, run, Server};
-use crate::support::{membership_event, v, TestDb};
+use crate::support::{exec, int, membership_event, rows, strings, v, TestDb};
 
 const API_KEY: &str = "sk_test_schema";
 const LOGIN_TOKEN: &str = "login_token_schema";
@@ -36,21 +36,20 @@ async fn cli(args: &[&str], envs: &[(&str, &str)]) -> String {
 }
 
 async fn tables(t: &TestDb) -> Vec<(String, String)> {
-    sqlx::query_as(
-        "SELECT table_schema::text, table_name::text FROM information_schema.tables \
-         WHERE table_schema IN ('public', 'rolesync') ORDER BY 1, 2",
-    )
-    .fetch_all(t.db.pool())
-    .await
-    .unwrap()
+    let sql = "SELECT table_schema::text, table_name::text FROM information_schema.tables \
+         WHERE table_schema IN ('public', 'rolesync') ORDER BY 1, 2";
+    rows(&t.db, sql, &[])
+        .await
+        .into_iter()
+        .map(|mut r| (r[0].take().unwrap(), r[1].take().unwrap()))
+        .collect()
 }
 
 async fn role_of(t: &TestDb, user: &str) -> Option<String> {
-    sqlx::query_scalar("SELECT role_slug FROM rolesync.memberships WHERE user_id = $1")
-        .bind(user)
-        .fetch_one(t.db.pool())
-        .await
-        .unwrap()
+    let sql = "SELECT role_slug FROM rolesync.memberships WHERE user_id = $1";
+    let mut found = rows(&t.db, sql, &[user]).await;
+    assert_eq!(found.len(), 1, "{user}: one row");
+    found[0].remove(0)
 }
 
 fn events_page(events: Vec<Vec<u8>>) -> Reply {
@@ -80,7 +79,7 @@ async fn every_command_in_schema_rolesync(options: &str) {
         "CREATE TABLE roles (id SERIAL PRIMARY KEY, name TEXT NOT NULL UNIQUE)",
         "INSERT INTO roles (name) VALUES ('owner'), ('editor')",
     ] {
-        sqlx::query(sql).execute(t.db.pool()).await.unwrap();
+        exec(&t.db, sql).await;
     }
     let url = format!("{}?options={options}", t.url);
     let fake = FakeWorkos::start().await;
@@ -224,21 +223,13 @@ async fn every_command_in_schema_rolesync(options: &str) {
         "rolesync's tables, and only they, are in its schema"
     );
     for (user, expected) in [("user_2", true), ("user_1", false)] {
-        let allowed: bool = sqlx::query_scalar(STUDIO_QUERY)
-            .bind("org_1")
-            .bind(user)
-            .fetch_one(t.db.pool())
-            .await
-            .unwrap();
+        let allowed = int(&t.db, STUDIO_QUERY, &["org_1", user]).await == 1;
         assert_eq!(
             allowed, expected,
             "README's /studio query, from the app's search path, for {user}"
         );
     }
-    let app_roles: Vec<String> = sqlx::query_scalar("SELECT name FROM public.roles ORDER BY id")
-        .fetch_all(t.db.pool())
-        .await
-        .unwrap();
+    let app_roles = strings(&t.db, "SELECT name FROM public.roles ORDER BY id", &[]).await;
     assert_eq!(
         app_roles,
         ["owner", "editor"],

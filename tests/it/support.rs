@@ -7,8 +7,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use rolesync::config::Config;
-use rolesync::db::audit::AuditRow;
-use rolesync::db::{self, Backend, Db};
+use rolesync::db::{self, AuditRow, Backend, Db};
 use rolesync::http::{build_router, AppState};
 use rolesync::reconcile::{Membership, Observation, Source};
 use rolesync::signature;
@@ -168,23 +167,55 @@ pub fn obs(version: i64, role: Option<&str>, status: &str, deleted: bool) -> Obs
 }
 
 pub async fn membership(db: &Db, org: &str, user: &str) -> Option<Membership> {
-    db::memberships::get(db.pool(), org, user).await.unwrap()
+    db.membership(org, user).await.unwrap()
+}
+
+/// Runs SQL (any statements, no parameters) on the test's database.
+pub async fn exec(db: &Db, sql: &str) {
+    db.execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// The rows of one statement with `$1`, `$2`, ... parameters, each column as text (`None` for
+/// NULL; integers and booleans as digits, times as rolesync renders them).
+pub async fn rows(db: &Db, sql: &str, params: &[&str]) -> Vec<Vec<Option<String>>> {
+    let params: Vec<db::Value> = params.iter().map(|p| db::Value::from(*p)).collect();
+    db.rows(sql, &params)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|row| row.iter().map(db::Value::text).collect())
+        .collect()
+}
+
+/// The first column of every row of one statement (NULL as an empty string).
+pub async fn strings(db: &Db, sql: &str, params: &[&str]) -> Vec<String> {
+    rows(db, sql, params)
+        .await
+        .into_iter()
+        .map(|mut row| row.swap_remove(0).unwrap_or_default())
+        .collect()
+}
+
+/// The one integer a statement answers (a count).
+pub async fn int(db: &Db, sql: &str, params: &[&str]) -> i64 {
+    let answer = strings(db, sql, params).await;
+    assert_eq!(answer.len(), 1, "{sql}: one row");
+    answer[0]
+        .parse()
+        .unwrap_or_else(|_| panic!("{sql}: {answer:?}"))
 }
 
 /// Audit rows of one membership, oldest first.
 pub async fn audit_of(db: &Db, org: &str, user: &str) -> Vec<AuditRow> {
-    let mut rows = db::audit::list(db.pool(), Some(org), Some(user), i64::MAX)
-        .await
-        .unwrap();
+    let mut rows = db.audit(Some(org), Some(user), i64::MAX).await.unwrap();
     rows.reverse();
     rows
 }
 
 pub async fn audit_count(db: &Db) -> i64 {
-    sqlx::query_scalar("SELECT COUNT(*) FROM role_audit")
-        .fetch_one(db.pool())
-        .await
-        .unwrap()
+    int(db, "SELECT COUNT(*) FROM role_audit", &[]).await
 }
 
 /// Each row's old role and status equal the previous row's new ones; the first starts from nothing

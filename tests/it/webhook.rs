@@ -10,7 +10,8 @@ use rolesync::signature;
 use serde_json::{json, Value};
 
 use crate::support::{
-    assert_chain, audit_count, audit_of, membership, membership_event, TestApp, TestDb, SECRET,
+    assert_chain, audit_count, audit_of, int, membership, membership_event, rows, strings, TestApp,
+    TestDb, SECRET,
 };
 
 /// What, body, signature header, expected status and error code.
@@ -23,14 +24,11 @@ type RefusalCase = (
 );
 
 async fn inbox_count(t: &TestDb) -> i64 {
-    db::inbox::count(t.db.pool()).await.unwrap()
+    t.db.event_count().await.unwrap()
 }
 
 async fn membership_count(t: &TestDb) -> usize {
-    db::memberships::list(t.db.pool(), None)
-        .await
-        .unwrap()
-        .len()
+    t.db.memberships(None).await.unwrap().len()
 }
 
 /// Asserts that a refused request stored nothing at all.
@@ -51,9 +49,8 @@ both! {
         assert_eq!((status, answer), (StatusCode::OK, json!({"event_id": "event_1", "outcome": "applied"})));
         let row = membership(&t.db, "org_1", "user_1").await.unwrap();
         assert_eq!((row.role_slug.as_deref(), row.status.as_str()), (Some("member"), "active"));
-        let (payload, outcome, kind): (String, String, String) =
-            sqlx::query_as("SELECT payload, outcome, event_type FROM webhook_events WHERE event_id = 'event_1'")
-                .fetch_one(t.db.pool()).await.unwrap();
+        let row = rows(&t.db, "SELECT payload, outcome, event_type FROM webhook_events WHERE event_id = 'event_1'", &[]).await;
+        let [payload, outcome, kind] = [0, 1, 2].map(|i| row[0][i].clone().unwrap());
         assert_eq!(payload.as_bytes(), body.as_slice(), "the raw body is stored byte for byte");
         assert_eq!((outcome.as_str(), kind.as_str()), ("applied", "organization_membership.created"));
         let audit = audit_of(&t.db, "org_1", "user_1").await;
@@ -147,7 +144,7 @@ both! {
         // holds the write lock, so each committer takes one batch and then waits inside it while
         // the rest arrive.
         let app = std::sync::Arc::new(TestApp::with_config(&t.db, |c| c.max_queued_deliveries = 2));
-        let mut blocker = hold_write_lock(&t).await;
+        let blocker = hold_write_lock(&t).await;
         let sent = 600;
         let bodies: Vec<Vec<u8>> = (0..sent)
             .map(|i| membership_event(&format!("evt_{i}"), "created", &format!("user_{i}"), "admin", "active", 1))
@@ -170,7 +167,7 @@ both! {
             assert_eq!(headers.get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
             refused.push(i);
         }
-        release_write_lock(&mut blocker).await;
+        release_write_lock(blocker).await;
         drop(done);
         while let Some((i, (status, _, answer))) = answers.recv().await {
             match status {
@@ -269,14 +266,12 @@ both! {
         let body = br#"{"id":"event_bad","event":"organization_membership.updated","data":{"id":"om_1","organization_id":"org_1","status":"active","role":{"slug":"admin"},"updated_at":"2026-11-20T10:00:00.000Z"}}"#;
         let (status, answer) = app.deliver(body).await;
         assert_eq!((status, answer["error"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_event")));
-        let outcome: String = sqlx::query_scalar("SELECT outcome FROM webhook_events WHERE event_id = 'event_bad'")
-            .fetch_one(t.db.pool()).await.unwrap();
-        assert_eq!(outcome, "invalid");
+        let outcome = strings(&t.db, "SELECT outcome FROM webhook_events WHERE event_id = 'event_bad'", &[]).await;
+        assert_eq!(outcome, ["invalid"]);
         assert_eq!(audit_count(&t.db).await, 0);
         let (status, answer) = app.deliver(body).await;
         assert_eq!((status, answer["error"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_event")), "a retry gets the same answer");
-        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhook_events").fetch_one(t.db.pool()).await.unwrap();
-        assert_eq!(rows, 1, "stored once");
+        assert_eq!(int(&t.db, "SELECT COUNT(*) FROM webhook_events", &[]).await, 1, "stored once");
     }
 
     async fn ids_slugs_and_versions_no_workos_object_has_are_invalid_and_never_stored(t) {
@@ -360,7 +355,7 @@ both! {
         let reopened = rolesync::db::Db::connect(&t.url, 4).await.unwrap();
         let app = TestApp::new(&reopened);
         assert_eq!(app.deliver(&body).await.1["outcome"], "applied", "WorkOS's retry applies");
-        assert_eq!(db::inbox::count(reopened.pool()).await.unwrap(), 1);
+        assert_eq!(reopened.event_count().await.unwrap(), 1);
         reopened.close().await;
     }
 
@@ -418,7 +413,7 @@ async fn run_scenario(t: &TestDb, path: &std::path::Path) {
         expect["outcomes"],
         "{name}: outcomes"
     );
-    let rows = db::memberships::list(t.db.pool(), None).await.unwrap();
+    let rows = t.db.memberships(None).await.unwrap();
     let rows: Vec<Value> = rows.iter().map(|r| json!({
         "organization_id": r.organization_id, "user_id": r.user_id, "membership_id": r.membership_id,
         "role_slug": r.role_slug, "workos_role_slug": r.workos_role_slug, "status": r.status,
@@ -429,9 +424,7 @@ async fn run_scenario(t: &TestDb, path: &std::path::Path) {
         expect["memberships"],
         "{name}: memberships"
     );
-    let mut audit = db::audit::list(t.db.pool(), None, None, i64::MAX)
-        .await
-        .unwrap();
+    let mut audit = t.db.audit(None, None, i64::MAX).await.unwrap();
     audit.reverse();
     let audit: Vec<Value> = audit.iter().map(|r| json!({
         "event_id": r.event_id, "outcome": r.outcome, "workos_role_slug": r.workos_role_slug,
@@ -464,27 +457,28 @@ both! {
         let kinds: Vec<&str> = audit.iter().map(|r| r.outcome.as_str()).collect();
         assert_eq!(kinds, ["applied", "applied", "stale"]);
         assert_chain(&audit);
-        let stored: Vec<(String, String)> = sqlx::query_as("SELECT event_id, outcome FROM webhook_events ORDER BY event_id")
-            .fetch_all(t.db.pool()).await.unwrap();
-        let stored: Vec<(&str, &str)> = stored.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        let stored = rows(&t.db, "SELECT event_id, outcome FROM webhook_events ORDER BY event_id", &[]).await;
+        let stored: Vec<(&str, &str)> = stored.iter().map(|r| (r[0].as_deref().unwrap(), r[1].as_deref().unwrap())).collect();
         assert_eq!(stored, [("e1", "applied"), ("e2", "ignored"), ("e3", "applied"), ("e4", "stale"), ("e5", "invalid"), ("e6", "unknown_role")]);
     }
 }
 
 /// A connection of its own that holds what every writer needs: SQLite's write lock, or on
 /// PostgreSQL an exclusive lock on `memberships` (which every batch reads).
-async fn hold_write_lock(t: &TestDb) -> sqlx::AnyConnection {
-    use sqlx::{Connection, Executor};
-    let mut conn = sqlx::AnyConnection::connect(&t.url).await.unwrap();
-    let sql = match t.db.backend() {
-        db::Backend::Sqlite => "BEGIN IMMEDIATE",
-        db::Backend::Postgres => "BEGIN; LOCK TABLE memberships IN ACCESS EXCLUSIVE MODE",
-    };
-    conn.execute(sql).await.unwrap();
-    conn
+/// (A second process is modelled by a `Db` of its own: on SQLite its `BEGIN IMMEDIATE` takes the
+/// database's write lock, which this process's writer turn does not cover.)
+async fn hold_write_lock(t: &TestDb) -> (db::Db, db::WriteTx<'static>) {
+    let other = db::Db::connect(&t.url, 1).await.unwrap();
+    let mut tx = other.begin_write().await.unwrap();
+    if t.db.backend() == db::Backend::Postgres {
+        tx.execute("LOCK TABLE memberships IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+    }
+    (other, tx)
 }
 
-async fn release_write_lock(conn: &mut sqlx::AnyConnection) {
-    use sqlx::Executor;
-    conn.execute("ROLLBACK").await.unwrap();
+async fn release_write_lock((other, tx): (db::Db, db::WriteTx<'static>)) {
+    tx.rollback().await;
+    other.close().await;
 }
