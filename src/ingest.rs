@@ -67,15 +67,24 @@ impl Incoming {
 }
 
 /// Stores deliveries in the inbox and reconciles the membership events among them, in one
-/// transaction. An event id already stored (or earlier in the same batch) is a `duplicate` and
-/// changes nothing. Receipts come back in input order. This opens a [`Committer`] for the call, as
-/// the group-commit worker keeps one.
+/// transaction on a pooled connection. An event id already stored (or earlier in the same batch) is
+/// a `duplicate` and changes nothing. Receipts come back in input order.
 pub async fn deliver_batch(
     db: &Db,
     batch: &[Incoming],
     now: Timestamp,
 ) -> Result<Vec<Receipt>, DbError> {
-    deliver_batch_on(&mut db.committer(), batch, now).await
+    let mut tx = db.begin_write().await?;
+    match deliver_batch_in(&mut tx, batch, now).await {
+        Ok(receipts) => {
+            tx.commit().await?;
+            Ok(receipts)
+        }
+        Err(e) => {
+            tx.rollback().await;
+            Err(e)
+        }
+    }
 }
 
 /// [`deliver_batch`] on a committer's connection, which the caller keeps (the group-commit

@@ -39,10 +39,8 @@ impl DbError {
         let Self::Sqlx(sqlx::Error::Database(e)) = self else {
             return false;
         };
-        matches!(
-            e.code().as_deref(),
-            Some("40P01" | "40001" | "5" | "6" | "517")
-        )
+        // PostgreSQL's deadlock_detected and serialization_failure.
+        matches!(e.code().as_deref(), Some("40P01" | "40001"))
     }
 }
 
