@@ -670,6 +670,16 @@ async fn roles(db: &Db, action: RolesAction) -> Result<()> {
     Ok(())
 }
 
+/// A role-set change as `[admin, member] -> [member]`; `-` for a set not recorded (a row written
+/// before role sets were, or no membership stored).
+fn roles_change(old: &db::audit::RoleSet, new: &db::audit::RoleSet) -> String {
+    let show = |set: &db::audit::RoleSet| match &set.0 {
+        Some(slugs) => format!("[{}]", slugs.join(", ")),
+        None => "-".into(),
+    };
+    format!("{} -> {}", show(old), show(new))
+}
+
 /// The audit rows as an aligned table.
 pub fn audit_table(rows: &[db::audit::AuditRow]) -> String {
     let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
@@ -684,6 +694,7 @@ pub fn audit_table(rows: &[db::audit::AuditRow]) -> String {
                 r.source.clone(),
                 r.outcome.clone(),
                 format!("{} -> {}", show(&r.old_role), show(&r.new_role)),
+                roles_change(&r.old_roles, &r.new_roles),
                 format!("{} -> {}", show(&r.old_status), show(&r.new_status)),
                 show(&r.workos_role_slug),
                 show(&r.event_id),
@@ -698,6 +709,7 @@ pub fn audit_table(rows: &[db::audit::AuditRow]) -> String {
         "SOURCE",
         "OUTCOME",
         "ROLE",
+        "ROLES",
         "STATUS",
         "WORKOS ROLE",
         "EVENT",

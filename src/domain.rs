@@ -15,6 +15,9 @@ pub enum Source {
     Resync,
     Replay,
     Cli,
+    /// A refetch of the membership from the WorkOS API after an event that changed its roles
+    /// without carrying them (a group or directory change, a role deleted or changed).
+    Refetch,
 }
 
 impl Source {
@@ -27,6 +30,7 @@ impl Source {
             Self::Resync => "resync",
             Self::Replay => "replay",
             Self::Cli => "cli",
+            Self::Refetch => "refetch",
         }
     }
 }
@@ -83,6 +87,9 @@ pub struct Observation {
     pub membership_id: String,
     /// The primary role slug WorkOS reported; `None` when it reported none.
     pub role_slug: Option<String>,
+    /// Every role slug WorkOS reported (`roles` with multiple roles on, and the primary), sorted and
+    /// distinct ([`role_set`]).
+    pub role_slugs: Vec<String>,
     pub status: String,
     pub deleted: bool,
     /// A deletion inferred from WorkOS no longer listing the membership ([`inferred_deletion`]),
@@ -117,6 +124,12 @@ impl Observation {
                 check_id(value).map_err(|why| format!("field `{name}` {why}"))?;
             }
         }
+        if self.role_slugs.len() > MAX_ROLES {
+            return Err(format!("field `roles` holds more than {MAX_ROLES} roles"));
+        }
+        for slug in &self.role_slugs {
+            check_id(slug).map_err(|why| format!("field `roles` has a slug that {why}"))?;
+        }
         if self.version.millis() > now.millis().saturating_add(MAX_VERSION_AHEAD_MS) {
             return Err(format!(
                 "field `updated_at` {} is more than a day ahead of now ({now})",
@@ -127,14 +140,35 @@ impl Observation {
     }
 }
 
-/// A `memberships` row.
+/// Most role slugs one membership may carry; WorkOS environments define a handful of roles.
+pub const MAX_ROLES: usize = 100;
+
+/// The role set of a membership WorkOS reports: its `roles` (absent when multiple roles are off)
+/// with its primary `role`, sorted and distinct.
+pub fn role_set(primary: Option<&str>, roles: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut set: Vec<String> = roles.into_iter().filter(|s| !s.is_empty()).collect();
+    set.extend(primary.map(str::to_owned));
+    set.sort_unstable();
+    set.dedup();
+    set
+}
+
+/// A `memberships` row, with its role set (`membership_roles`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Membership {
     pub organization_id: String,
     pub user_id: String,
     pub membership_id: String,
+    /// The primary role the app gates on (single-role apps).
     pub role_slug: Option<String>,
     pub workos_role_slug: Option<String>,
+    /// The roles rolesync applied (the rows of `membership_roles`), sorted; empty for a deleted
+    /// membership. Answers name it `roles`.
+    #[serde(rename = "roles")]
+    pub role_slugs: Vec<String>,
+    /// The role set WorkOS last reported, unknown slugs included, sorted (`workos_roles`).
+    #[serde(rename = "workos_roles")]
+    pub workos_role_slugs: Vec<String>,
     pub status: String,
     pub version: Timestamp,
     pub updated_at: Timestamp,
@@ -152,6 +186,9 @@ pub struct AuditEntry {
     pub workos_role_slug: Option<String>,
     pub old_role: Option<String>,
     pub new_role: Option<String>,
+    /// The role sets before and after (`role_audit.old_roles` / `new_roles`); `None` where no row was stored.
+    pub old_roles: Option<Vec<String>>,
+    pub new_roles: Option<Vec<String>>,
     pub old_status: Option<String>,
     pub new_status: Option<String>,
     pub outcome: Outcome,

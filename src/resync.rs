@@ -131,8 +131,7 @@ async fn preview(
         .iter()
         .map(|o| {
             let row = stored.get(&(o.organization_id.clone(), o.user_id.clone()));
-            let role_known = o.role_slug.as_ref().is_some_and(|s| known.contains(s));
-            decide(row, o, role_known, None, now).outcome
+            decide(row, o, &known, None, now).outcome
         })
         .collect())
 }

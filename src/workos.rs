@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use std::sync::Arc;
 
 use crate::config::Secret;
-use crate::domain::{Observation, Source};
+use crate::domain::{role_set, Observation, Source};
 use crate::metrics::Metrics;
 use crate::timestamp::Timestamp;
 
@@ -79,6 +79,9 @@ pub struct ApiMembership {
     pub status: Option<String>,
     #[serde(default)]
     pub role: Option<ApiRole>,
+    /// Every role of the membership (multiple roles); absent or null when WorkOS sends none.
+    #[serde(default)]
+    pub roles: Option<Vec<ApiRole>>,
     pub updated_at: String,
     /// Only `true` marks the membership directory-managed; any other value is no reason to
     /// refuse the answer.
@@ -118,6 +121,10 @@ impl ApiMembership {
             user_id: self.user_id.clone(),
             membership_id: self.id.clone(),
             role_slug: self.role.as_ref().and_then(|r| r.slug.clone()),
+            role_slugs: role_set(
+                self.role.as_ref().and_then(|r| r.slug.as_deref()),
+                self.roles.iter().flatten().filter_map(|r| r.slug.clone()),
+            ),
             status: self.status.clone().unwrap_or_else(|| "unknown".into()),
             deleted: false,
             inferred: false,

@@ -5,7 +5,7 @@ use sqlx::{Any, Executor, Row};
 
 use std::collections::HashMap;
 
-use super::base::{Backend, DbError};
+use super::base::{slugs_text, Backend, DbError};
 use crate::domain::{AuditEntry, HistoryMark};
 use crate::timestamp::Timestamp;
 
@@ -27,12 +27,32 @@ pub struct AuditRow {
     pub outcome: String,
     pub detail: String,
     pub version: String,
+    /// The role sets before and after; `None` where no row was stored, and on rows written before
+    /// role sets were recorded.
+    #[sqlx(try_from = "Option<String>")]
+    pub old_roles: RoleSet,
+    #[sqlx(try_from = "Option<String>")]
+    pub new_roles: RoleSet,
 }
 
-/// The insert of audit rows, up to its VALUES list of 14 columns.
+/// A role set column of an audit row (a JSON array of slugs), `None` where none was recorded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct RoleSet(pub Option<Vec<String>>);
+
+impl TryFrom<Option<String>> for RoleSet {
+    type Error = serde_json::Error;
+    fn try_from(text: Option<String>) -> Result<Self, Self::Error> {
+        text.map(|t| serde_json::from_str(&t)).transpose().map(Self)
+    }
+}
+
+/// The insert of audit rows, up to its VALUES list of [`COLUMN_COUNT`] columns.
 pub(super) const INSERT: &str = "INSERT INTO role_audit (recorded_at, organization_id, user_id, \
      membership_id, source, event_id, workos_role_slug, old_role, new_role, old_status, new_status, \
-     outcome, detail, version) VALUES";
+     outcome, detail, version, old_roles, new_roles) VALUES";
+/// How many columns [`INSERT`] names.
+pub(super) const COLUMN_COUNT: usize = 16;
 
 /// The trail of one membership as of a version ($1, $2, $3), as [`as_of_many`] reads it.
 pub(super) const AS_OF: &str = "SELECT version, workos_role_slug, new_status FROM role_audit \
@@ -48,7 +68,10 @@ pub async fn insert_many<'c>(
     if entries.is_empty() {
         return Ok(());
     }
-    let sql = format!("{INSERT} {}", backend.values_list(entries.len(), 14));
+    let sql = format!(
+        "{INSERT} {}",
+        backend.values_list(entries.len(), COLUMN_COUNT)
+    );
     let mut query = sqlx::query(&sql);
     for e in entries {
         query = query
@@ -65,7 +88,9 @@ pub async fn insert_many<'c>(
             .bind(&e.new_status)
             .bind(e.outcome.as_str())
             .bind(&e.detail)
-            .bind(e.version.to_string());
+            .bind(e.version.to_string())
+            .bind(e.old_roles.as_deref().map(slugs_text))
+            .bind(e.new_roles.as_deref().map(slugs_text));
     }
     query.execute(conn).await?;
     Ok(())
@@ -80,8 +105,8 @@ pub async fn list<'c>(
 ) -> Result<Vec<AuditRow>, DbError> {
     Ok(sqlx::query_as(
         "SELECT id, recorded_at, organization_id, user_id, membership_id, source, event_id, \
-         workos_role_slug, old_role, new_role, old_status, new_status, outcome, detail, version \
-         FROM role_audit WHERE ($1 IS NULL OR organization_id = $1) AND ($2 IS NULL OR user_id = $2) \
+         workos_role_slug, old_role, new_role, old_status, new_status, outcome, detail, version, \
+         old_roles, new_roles FROM role_audit WHERE ($1 IS NULL OR organization_id = $1) AND ($2 IS NULL OR user_id = $2) \
          ORDER BY id DESC LIMIT $3",
     )
     .bind(organization_id)

@@ -122,3 +122,26 @@ pub(super) fn lock_names(keys: &[&Key]) -> Vec<String> {
 pub(super) const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
      PRAGMA busy_timeout = 30000; PRAGMA foreign_keys = ON; PRAGMA cache_size = -8000; \
      PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 10000;";
+
+/// A role set as stored (`memberships.role_slugs`, `role_audit.old_roles`, ...): a JSON array of slugs.
+pub(super) fn slugs_text(slugs: &[String]) -> String {
+    serde_json::to_string(slugs).expect("a list of strings serializes")
+}
+
+/// A stored role set, read back.
+#[derive(Debug, Default)]
+pub(super) struct Slugs(pub Vec<String>);
+
+impl TryFrom<String> for Slugs {
+    type Error = serde_json::Error;
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        serde_json::from_str(&text).map(Self)
+    }
+}
+
+/// A stored role set column, as a decode error when it is not one.
+pub(super) fn decode_slugs(text: String) -> Result<Vec<String>, DbError> {
+    Slugs::try_from(text)
+        .map(|s| s.0)
+        .map_err(|e| DbError::Sqlx(sqlx::Error::Decode(e.into())))
+}

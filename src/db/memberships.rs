@@ -2,9 +2,9 @@
 
 use sqlx::{Any, Executor};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use super::base::{Backend, DbError, Key};
+use super::base::{slugs_text, Backend, DbError, Key, Slugs};
 use crate::domain::Membership;
 use crate::timestamp::Timestamp;
 
@@ -21,6 +21,10 @@ pub(super) struct Row {
     version: Timestamp,
     #[sqlx(try_from = "String")]
     updated_at: Timestamp,
+    #[sqlx(try_from = "String")]
+    role_slugs: Slugs,
+    #[sqlx(try_from = "String")]
+    workos_role_slugs: Slugs,
 }
 
 impl From<Row> for Membership {
@@ -34,19 +38,24 @@ impl From<Row> for Membership {
             status: r.status,
             version: r.version,
             updated_at: r.updated_at,
+            role_slugs: r.role_slugs.0,
+            workos_role_slugs: r.workos_role_slugs.0,
         }
     }
 }
 
 /// The same columns, qualified for a join on `m`.
-pub(super) const PREFIXED_COLUMNS: &str = "m.organization_id, m.user_id, m.membership_id, m.role_slug, m.workos_role_slug, m.status, m.version, m.updated_at";
-pub(super) const COLUMNS: &str = "organization_id, user_id, membership_id, role_slug, workos_role_slug, status, version, updated_at";
+pub(super) const PREFIXED_COLUMNS: &str = "m.organization_id, m.user_id, m.membership_id, m.role_slug, m.workos_role_slug, m.status, m.version, m.updated_at, m.role_slugs, m.workos_role_slugs";
+pub(super) const COLUMNS: &str = "organization_id, user_id, membership_id, role_slug, workos_role_slug, status, version, updated_at, role_slugs, workos_role_slugs";
+/// How many [`COLUMNS`] there are.
+pub(super) const COLUMN_COUNT: usize = 10;
 
 /// The columns an upsert replaces besides `membership_id`.
 macro_rules! replaced_but_id {
     () => {
         "role_slug = excluded.role_slug, workos_role_slug = excluded.workos_role_slug, \
-         status = excluded.status, version = excluded.version, updated_at = excluded.updated_at"
+         status = excluded.status, version = excluded.version, updated_at = excluded.updated_at, \
+         role_slugs = excluded.role_slugs, workos_role_slugs = excluded.workos_role_slugs"
     };
 }
 
@@ -88,13 +97,13 @@ pub async fn get<'c>(
     Ok(row.map(Membership::from))
 }
 
-/// The stored row of one membership, and whether the slug WorkOS last reported for it
-/// (`workos_role_slug`) is in `roles` (false for none).
-pub async fn get_with_role<'c>(
-    conn: impl Executor<'c, Database = Any>,
+/// The stored row of one membership, and which slugs of the set WorkOS last reported for it
+/// (`workos_role_slugs`, `workos_role_slug`) are in `roles`.
+pub async fn get_with_role(
+    pool: &sqlx::AnyPool,
     organization_id: &str,
     user_id: &str,
-) -> Result<Option<(Membership, bool)>, DbError> {
+) -> Result<Option<(Membership, HashSet<String>)>, DbError> {
     #[derive(sqlx::FromRow)]
     struct WithRole {
         #[sqlx(flatten)]
@@ -109,9 +118,24 @@ pub async fn get_with_role<'c>(
     let row: Option<WithRole> = sqlx::query_as(&sql)
         .bind(organization_id)
         .bind(user_id)
-        .fetch_optional(conn)
+        .fetch_optional(pool)
         .await?;
-    Ok(row.map(|r| (r.membership.into(), r.role_known > 0)))
+    let Some(row) = row else { return Ok(None) };
+    let membership = Membership::from(row.membership);
+    let primary = membership.workos_role_slug.clone();
+    // Single-role (the reported set is the primary role): the count above says it all.
+    if membership.workos_role_slugs.len() <= 1
+        && membership.workos_role_slugs.first() == primary.as_ref()
+    {
+        let known = primary.filter(|_| row.role_known > 0).into_iter().collect();
+        return Ok(Some((membership, known)));
+    }
+    let known = super::roles::list(pool)
+        .await?
+        .into_iter()
+        .filter(|s| membership.workos_role_slugs.contains(s) || primary.as_ref() == Some(s))
+        .collect();
+    Ok(Some((membership, known)))
 }
 
 /// Every stored row, ordered by organization then user (for tests and operators).
@@ -178,7 +202,7 @@ pub async fn upsert_many<'c>(
     }
     let sql = format!(
         "INSERT INTO memberships ({COLUMNS}) VALUES {} {UPSERT_CONFLICT}",
-        backend.values_list(rows.len(), 8)
+        backend.values_list(rows.len(), COLUMN_COUNT)
     );
     let mut query = sqlx::query(&sql);
     for row in rows {
@@ -190,8 +214,57 @@ pub async fn upsert_many<'c>(
             .bind(&row.workos_role_slug)
             .bind(&row.status)
             .bind(row.version.to_string())
-            .bind(row.updated_at.to_string());
+            .bind(row.updated_at.to_string())
+            .bind(slugs_text(&row.role_slugs))
+            .bind(slugs_text(&row.workos_role_slugs));
     }
     query.execute(conn).await?;
     Ok(())
+}
+
+/// Removes the `membership_roles` rows of a membership (`$1`, `$2`).
+pub(super) const CLEAR_ROLES: &str =
+    "DELETE FROM membership_roles WHERE organization_id = $1 AND user_id = $2";
+/// Inserts one `membership_roles` row (`$1`, `$2`, `$3`).
+pub(super) const ADD_ROLE: &str =
+    "INSERT INTO membership_roles (organization_id, user_id, role_slug) \
+     VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
+
+/// Makes `membership_roles` hold exactly each row's `role_slugs`.
+pub async fn set_roles_many(
+    conn: &mut sqlx::AnyConnection,
+    rows: &[&Membership],
+) -> Result<(), DbError> {
+    for row in rows {
+        sqlx::query(CLEAR_ROLES)
+            .bind(&row.organization_id)
+            .bind(&row.user_id)
+            .execute(&mut *conn)
+            .await?;
+        for slug in &row.role_slugs {
+            sqlx::query(ADD_ROLE)
+                .bind(&row.organization_id)
+                .bind(&row.user_id)
+                .bind(slug)
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// The roles of a membership as `membership_roles` holds them, sorted.
+pub async fn roles_of<'c>(
+    conn: impl Executor<'c, Database = Any>,
+    organization_id: &str,
+    user_id: &str,
+) -> Result<Vec<String>, DbError> {
+    Ok(sqlx::query_scalar(
+        "SELECT role_slug FROM membership_roles WHERE organization_id = $1 AND user_id = $2 \
+         ORDER BY role_slug",
+    )
+    .bind(organization_id)
+    .bind(user_id)
+    .fetch_all(conn)
+    .await?)
 }

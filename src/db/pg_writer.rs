@@ -10,7 +10,7 @@ use std::sync::LazyLock;
 
 use sqlx::{PgConnection, Row};
 
-use super::base::{decode_timestamp, lock_names, DbError, Key};
+use super::base::{decode_slugs, decode_timestamp, lock_names, slugs_text, DbError, Key};
 use super::inbox::InboxRow;
 use super::store::{BatchStore, Snapshot, TrailPoint, Writes};
 use super::{audit, inbox, memberships};
@@ -30,18 +30,20 @@ static READ: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT 'm' AS kind, {} FROM unnest($2::text[], $3::text[]) AS k(org, usr) \
          JOIN memberships m ON m.organization_id = k.org AND m.user_id = k.usr \
-         UNION ALL SELECT 'e', event_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL \
+         UNION ALL SELECT 'e', event_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL \
          FROM webhook_events WHERE event_id = ANY($1::text[]) \
-         UNION ALL SELECT 'r', slug, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM roles",
+         UNION ALL SELECT 'r', slug, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM roles",
         memberships::PREFIXED_COLUMNS
     )
 });
 
-/// The one write statement of a batch: memberships ($1-$8), audit rows ($9-$22, inserted in array
-/// order so that ids ascend in slice order), deliveries ($23-$26, inserted in array order, which the
-/// caller sorts by event id) received at $27.
+/// The one write statement of a batch: memberships ($1-$10), audit rows ($11-$26, inserted in array
+/// order so that ids ascend in slice order), deliveries ($27-$30, inserted in array order, which the
+/// caller sorts by event id) received at $31, and the role sets that changed: their memberships
+/// ($32, $33) and every (organization, user, slug) they now hold ($34-$36). The delete and the insert
+/// of `membership_roles` touch disjoint rows (data-modifying CTEs see one snapshot, in no set order).
 static WRITE: LazyLock<String> = LazyLock::new(|| {
-    let audit_columns = (1..=14)
+    let audit_columns = (1..=audit::COLUMN_COUNT)
         .map(|i| format!("c{i}"))
         .collect::<Vec<_>>()
         .join(", ");
@@ -49,16 +51,22 @@ static WRITE: LazyLock<String> = LazyLock::new(|| {
         "WITH m AS (INSERT INTO memberships ({membership_columns}) SELECT * FROM unnest({m}) {conflict} RETURNING 1), \
          a AS ({audit} SELECT {audit_columns} FROM unnest({a}) WITH ORDINALITY AS r({audit_columns}, n) \
          ORDER BY n RETURNING 1), \
-         e AS ({inbox} SELECT r.e, r.t, r.p, r.o, $27 FROM unnest({e}) WITH ORDINALITY AS r(e, t, p, o, n) \
-         ORDER BY n ON CONFLICT (event_id) DO NOTHING RETURNING 1) \
+         e AS ({inbox} SELECT r.e, r.t, r.p, r.o, $31 FROM unnest({e}) WITH ORDINALITY AS r(e, t, p, o, n) \
+         ORDER BY n ON CONFLICT (event_id) DO NOTHING RETURNING 1), \
+         d AS (DELETE FROM membership_roles r USING unnest($32::text[], $33::text[]) AS k(org, usr) \
+         WHERE r.organization_id = k.org AND r.user_id = k.usr AND NOT EXISTS (SELECT 1 FROM \
+         unnest($34::text[], $35::text[], $36::text[]) AS s(org, usr, slug) \
+         WHERE s.org = r.organization_id AND s.usr = r.user_id AND s.slug = r.role_slug) RETURNING 1), \
+         i AS (INSERT INTO membership_roles (organization_id, user_id, role_slug) \
+         SELECT * FROM unnest($34::text[], $35::text[], $36::text[]) ON CONFLICT DO NOTHING RETURNING 1) \
          SELECT COUNT(*) FROM e",
         membership_columns = memberships::COLUMNS,
-        m = arrays(1, 8),
+        m = arrays(1, memberships::COLUMN_COUNT),
         conflict = memberships::UPSERT_CONFLICT,
         audit = audit::INSERT.trim_end_matches(" VALUES"),
-        a = arrays(9, 14),
+        a = arrays(11, audit::COLUMN_COUNT),
         inbox = inbox::INSERT.trim_end_matches(" VALUES"),
-        e = arrays(23, 4),
+        e = arrays(27, 4),
     )
 });
 
@@ -118,6 +126,8 @@ impl BatchStore for PgStore<'_> {
                         status: row.try_get(6)?,
                         version: decode_timestamp(row.try_get(7)?)?,
                         updated_at: decode_timestamp(row.try_get(8)?)?,
+                        role_slugs: decode_slugs(row.try_get(9)?)?,
+                        workos_role_slugs: decode_slugs(row.try_get(10)?)?,
                     };
                     let key = (m.organization_id.clone(), m.user_id.clone());
                     snapshot.memberships.insert(key, m);
@@ -177,6 +187,15 @@ impl BatchStore for PgStore<'_> {
     ) -> Result<u64, DbError> {
         let rows = &writes.memberships;
         let entries = writes.audits;
+        let sets = &writes.role_sets;
+        let held: Vec<(&str, &str, &str)> = sets
+            .iter()
+            .flat_map(|r| {
+                r.role_slugs
+                    .iter()
+                    .map(|s| (r.organization_id.as_str(), r.user_id.as_str(), s.as_str()))
+            })
+            .collect();
         let inserted: i64 = sqlx::query_scalar(&WRITE)
             .bind(texts(rows, |r| Some(r.organization_id.clone())))
             .bind(texts(rows, |r| Some(r.user_id.clone())))
@@ -186,6 +205,8 @@ impl BatchStore for PgStore<'_> {
             .bind(texts(rows, |r| Some(r.status.clone())))
             .bind(texts(rows, |r| Some(r.version.to_string())))
             .bind(texts(rows, |r| Some(r.updated_at.to_string())))
+            .bind(texts(rows, |r| Some(slugs_text(&r.role_slugs))))
+            .bind(texts(rows, |r| Some(slugs_text(&r.workos_role_slugs))))
             .bind(texts(entries, |e| Some(e.recorded_at.to_string())))
             .bind(texts(entries, |e| Some(e.organization_id.clone())))
             .bind(texts(entries, |e| Some(e.user_id.clone())))
@@ -200,11 +221,18 @@ impl BatchStore for PgStore<'_> {
             .bind(texts(entries, |e| Some(e.outcome.as_str().to_owned())))
             .bind(texts(entries, |e| Some(e.detail.clone())))
             .bind(texts(entries, |e| Some(e.version.to_string())))
+            .bind(texts(entries, |e| e.old_roles.as_deref().map(slugs_text)))
+            .bind(texts(entries, |e| e.new_roles.as_deref().map(slugs_text)))
             .bind(events.iter().map(|r| r.event_id).collect::<Vec<_>>())
             .bind(events.iter().map(|r| r.event_type).collect::<Vec<_>>())
             .bind(events.iter().map(|r| r.payload).collect::<Vec<_>>())
             .bind(events.iter().map(|r| r.outcome).collect::<Vec<_>>())
             .bind(received_at.to_string())
+            .bind(texts(sets, |r| Some(r.organization_id.clone())))
+            .bind(texts(sets, |r| Some(r.user_id.clone())))
+            .bind(held.iter().map(|h| h.0).collect::<Vec<_>>())
+            .bind(held.iter().map(|h| h.1).collect::<Vec<_>>())
+            .bind(held.iter().map(|h| h.2).collect::<Vec<_>>())
             .fetch_one(&mut *self.conn)
             .await?;
         Ok(inserted as u64)

@@ -15,7 +15,7 @@ use std::time::Duration;
 use rusqlite::types::Type;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row};
 
-use super::base::{Backend, DbError, Key, SQLITE_PRAGMAS};
+use super::base::{slugs_text, Backend, DbError, Key, Slugs, SQLITE_PRAGMAS};
 use super::inbox::InboxRow;
 use super::store::{BatchStore, Snapshot, TrailPoint, Writes};
 use super::{audit, inbox, memberships};
@@ -23,19 +23,24 @@ use crate::domain::{AuditEntry, HistoryMark, Membership};
 use crate::timestamp::Timestamp;
 
 /// Prepared statements kept per connection: every statement the writer runs, `BEGIN IMMEDIATE` and
-/// `COMMIT` included, has one fixed text (11 of them).
+/// `COMMIT` included, has one fixed text (13 of them).
 const STATEMENT_CACHE: usize = 16;
 
 static UPSERT_MEMBERSHIP: LazyLock<String> = LazyLock::new(|| {
     format!(
         "INSERT INTO memberships ({}) VALUES {} {}",
         memberships::COLUMNS,
-        Backend::Sqlite.values_list(1, 8),
+        Backend::Sqlite.values_list(1, memberships::COLUMN_COUNT),
         memberships::UPSERT_CONFLICT_BUT_ID
     )
 });
-static INSERT_AUDIT: LazyLock<String> =
-    LazyLock::new(|| format!("{} {}", audit::INSERT, Backend::Sqlite.values_list(1, 14)));
+static INSERT_AUDIT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{} {}",
+        audit::INSERT,
+        Backend::Sqlite.values_list(1, audit::COLUMN_COUNT)
+    )
+});
 static INSERT_EVENT: LazyLock<String> = LazyLock::new(|| {
     format!(
         "{} {} ON CONFLICT (event_id) DO NOTHING",
@@ -206,6 +211,13 @@ fn timestamp(row: &Row<'_>, column: usize) -> rusqlite::Result<Timestamp> {
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(column, Type::Text, e.into()))
 }
 
+fn slugs(row: &Row<'_>, column: usize) -> rusqlite::Result<Vec<String>> {
+    let text: String = row.get(column)?;
+    Slugs::try_from(text)
+        .map(|s| s.0)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(column, Type::Text, e.into()))
+}
+
 fn membership(row: &Row<'_>) -> rusqlite::Result<Membership> {
     Ok(Membership {
         organization_id: row.get(0)?,
@@ -216,6 +228,8 @@ fn membership(row: &Row<'_>) -> rusqlite::Result<Membership> {
         status: row.get(5)?,
         version: timestamp(row, 6)?,
         updated_at: timestamp(row, 7)?,
+        role_slugs: slugs(row, 8)?,
+        workos_role_slugs: slugs(row, 9)?,
     })
 }
 
@@ -268,6 +282,7 @@ impl BatchStore for SqliteStore<'_> {
         received_at: Timestamp,
     ) -> Result<u64, DbError> {
         self.upsert_memberships(&writes.memberships)?;
+        self.set_roles(&writes.role_sets)?;
         self.append_audit(writes.audits)?;
         self.insert_events(events, received_at)
     }
@@ -316,6 +331,8 @@ impl SqliteStore<'_> {
                 row.status,
                 row.version.to_string(),
                 row.updated_at.to_string(),
+                slugs_text(&row.role_slugs),
+                slugs_text(&row.workos_role_slugs),
             ])?;
         }
         // Rows read with the same id, or read as absent (just inserted with theirs), are done.
@@ -332,6 +349,20 @@ impl SqliteStore<'_> {
                 row.user_id,
                 row.membership_id
             ])?;
+        }
+        Ok(())
+    }
+
+    fn set_roles(&mut self, rows: &[&Membership]) -> Result<(), DbError> {
+        let mut clear = self.conn.prepare_cached(memberships::CLEAR_ROLES)?;
+        for row in rows {
+            clear.execute([&row.organization_id, &row.user_id])?;
+        }
+        let mut add = self.conn.prepare_cached(memberships::ADD_ROLE)?;
+        for row in rows {
+            for slug in &row.role_slugs {
+                add.execute([&row.organization_id, &row.user_id, slug])?;
+            }
         }
         Ok(())
     }
@@ -354,6 +385,8 @@ impl SqliteStore<'_> {
                 e.outcome.as_str(),
                 e.detail,
                 e.version.to_string(),
+                e.old_roles.as_deref().map(slugs_text),
+                e.new_roles.as_deref().map(slugs_text),
             ])?;
         }
         Ok(())

@@ -47,6 +47,7 @@ impl BatchStore for SqlxStore<'_> {
     ) -> Result<u64, DbError> {
         let backend = self.db.backend();
         memberships::upsert_many(&mut *self.conn, backend, &writes.memberships).await?;
+        memberships::set_roles_many(self.conn, &writes.role_sets).await?;
         audit::insert_many(&mut *self.conn, backend, writes.audits).await?;
         inbox::insert_many(&mut *self.conn, backend, events, received_at).await
     }

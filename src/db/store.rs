@@ -46,9 +46,11 @@ pub struct Snapshot {
     pub roles: HashSet<String>,
 }
 
-/// The rows a batch writes: memberships inserted or replaced (each key at most once) and audit rows
+/// The rows a batch writes: memberships inserted or replaced (each key at most once), those of them
+/// whose role set changed (whose `membership_roles` rows the write replaces), and audit rows
 /// appended in order.
 pub struct Writes<'a> {
     pub memberships: Vec<&'a Membership>,
+    pub role_sets: Vec<&'a Membership>,
     pub audits: &'a [AuditEntry],
 }

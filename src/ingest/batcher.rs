@@ -258,6 +258,7 @@ mod tests {
             user_id: user.into(),
             membership_id: format!("om_{user}"),
             role_slug: Some(role.into()),
+            role_slugs: vec![role.into()],
             status: "active".into(),
             deleted: false,
             inferred: false,

@@ -3,7 +3,7 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::domain::{check_id, Observation, Source, DELETED};
+use crate::domain::{check_id, role_set, Observation, Source, DELETED};
 use crate::timestamp::Timestamp;
 
 /// The envelope of every WorkOS event. `data` stays raw until the type is known.
@@ -33,6 +33,9 @@ struct MembershipData {
     organization_id: Option<String>,
     status: Option<String>,
     role: Option<RoleRef>,
+    /// Every role (multiple roles); absent or null when the environment has one role per membership.
+    #[serde(default)]
+    roles: Option<Vec<RoleRef>>,
     updated_at: Option<String>,
     /// Read leniently: only `true` marks the membership directory-managed; any other value is
     /// no reason to refuse the event.
@@ -118,6 +121,10 @@ fn observation(
     let updated_at = required(data.updated_at, "data.updated_at")?;
     let version = Timestamp::parse(&updated_at).map_err(|e| format!("data.updated_at: {e}"))?;
     let role_slug = data.role.and_then(|r| r.slug).filter(|s| !s.is_empty());
+    let role_slugs = role_set(
+        role_slug.as_deref(),
+        data.roles.into_iter().flatten().filter_map(|r| r.slug),
+    );
     let (status, role_slug) = if deleted {
         (DELETED.to_owned(), role_slug)
     } else {
@@ -132,6 +139,7 @@ fn observation(
         user_id: required(data.user_id, "data.user_id")?,
         membership_id: required(data.id, "data.id")?,
         role_slug,
+        role_slugs,
         status,
         deleted,
         inferred: false,

@@ -13,6 +13,7 @@ mod ops;
 mod process;
 mod reconcile;
 mod reliability;
+mod role_sets;
 mod schema;
 mod sqlite_build;
 mod webhook;

@@ -58,13 +58,15 @@ async fn both_migration_sets_produce_the_same_tables_and_columns() {
         "status",
         "version",
         "updated_at",
+        "role_slugs",
+        "workos_role_slugs",
     ] {
         assert!(
             s.contains(&("memberships".into(), column.into())),
             "memberships.{column}"
         );
     }
-    assert_eq!(s.iter().filter(|(t, _)| t == "role_audit").count(), 15);
+    assert_eq!(s.iter().filter(|(t, _)| t == "role_audit").count(), 17);
 }
 
 /// The SQL of one migration file of a backend.
