@@ -8,6 +8,7 @@ pub mod inbox;
 pub mod memberships;
 pub mod pg_writer;
 mod pool;
+pub mod refetch;
 pub mod roles;
 pub mod schema;
 pub mod sqlite_writer;

@@ -215,6 +215,9 @@ pub enum Applied {
     Ignored,
     /// A membership event missing or mangling a required field, stored.
     Invalid,
+    /// An event that changes a membership's roles without carrying them, stored with a refetch of
+    /// what it names queued in the same transaction ([`Refetch`]).
+    RefetchQueued,
     /// An event id the inbox already holds (or that came earlier in the batch); nothing changed.
     Duplicate,
 }
@@ -226,7 +229,40 @@ impl Applied {
             Self::Reconciled(outcome) => outcome.as_str(),
             Self::Ignored => "ignored",
             Self::Invalid => "invalid",
+            Self::RefetchQueued => "refetch_queued",
             Self::Duplicate => "duplicate",
         }
     }
 }
+
+/// What an event that changes roles without carrying them asks to fetch again from the WorkOS API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refetch {
+    /// One membership (`om_...`): a group membership change.
+    Membership(String),
+    /// Every membership of an organization: a directory-sync change, which names a directory user
+    /// rather than a membership.
+    Organization(String),
+    /// Every stored membership holding this role (in this organization, for an organization role):
+    /// a role deleted (`gone`: WorkOS moves its holders to the default role, asynchronously) or changed.
+    Role {
+        slug: String,
+        organization_id: Option<String>,
+        gone: bool,
+    },
+}
+
+impl Refetch {
+    /// The `refetch_queue.target` of a membership or an organization; `None` for a role, which is
+    /// queued as the memberships holding it.
+    pub fn target(&self) -> Option<String> {
+        match self {
+            Self::Membership(id) => Some(id.clone()),
+            Self::Organization(id) => Some(format!("{ORGANIZATION_TARGET}{id}")),
+            Self::Role { .. } => None,
+        }
+    }
+}
+
+/// The prefix of an organization's `refetch_queue.target` (a membership's is its `om_...` id).
+pub const ORGANIZATION_TARGET: &str = "org:";

@@ -69,7 +69,7 @@ pub struct LoginService {
     token: Option<Secret>,
     budget: Duration,
     per_membership: Option<DefaultKeyedRateLimiter<Key>>,
-    global: Option<DefaultDirectRateLimiter>,
+    global: Option<Arc<DefaultDirectRateLimiter>>,
     inflight: Mutex<HashMap<Key, Flight>>,
     logins: AtomicU64,
     configuration_error_logged: AtomicBool,
@@ -85,7 +85,7 @@ impl LoginService {
             .flatten()
             .map(RateLimiter::keyed);
         let global = NonZeroU32::new(config.workos_rps)
-            .map(|rps| RateLimiter::direct(Quota::per_second(rps)));
+            .map(|rps| Arc::new(RateLimiter::direct(Quota::per_second(rps))));
         Self {
             workos: WorkosClient::new(
                 &config.api_base_url.0,
@@ -103,6 +103,12 @@ impl LoginService {
             configuration_error_logged: AtomicBool::new(false),
             metrics,
         }
+    }
+
+    /// The process's budget of WorkOS calls (`ROLESYNC_WORKOS_RPS`), which the refetch queue's
+    /// worker shares; `None` when unlimited.
+    pub fn workos_budget(&self) -> Option<Arc<DefaultDirectRateLimiter>> {
+        self.global.clone()
     }
 
     /// Whether the login endpoints are enabled (a token is configured).

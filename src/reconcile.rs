@@ -6,13 +6,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::db::inbox::InboxRow;
 use crate::db::sqlx_store::SqlxStore;
-use crate::db::store::{BatchStore, Snapshot, Writes};
+use crate::db::store::{BatchStore, QueuedRefetch, Snapshot, Writes};
 use crate::db::{self, Db, DbError, Key};
 use crate::timestamp::Timestamp;
 
 pub use crate::domain::{
-    check_id, Applied, AuditEntry, HistoryMark, Membership, Observation, Outcome, Source, ACTIVE,
-    DELETED, MAX_ID_LEN, MAX_VERSION_AHEAD_MS,
+    check_id, Applied, AuditEntry, HistoryMark, Membership, Observation, Outcome, Refetch, Source,
+    ACTIVE, DELETED, MAX_ID_LEN, MAX_VERSION_AHEAD_MS,
 };
 
 /// The deletion a path infers when WorkOS no longer lists a membership (a login that finds none, a
@@ -491,7 +491,9 @@ pub enum Item<'a> {
         event_type: &'a str,
         payload: &'a str,
         observation: Option<&'a Observation>,
-        /// How the inbox takes it when there is no observation (ignored or invalid).
+        /// What it asks to fetch again from the WorkOS API (queued with the delivery).
+        refetch: Option<&'a Refetch>,
+        /// How the inbox takes it when there is no observation (ignored, invalid, refetch_queued).
         settled: Applied,
     },
 }
@@ -575,7 +577,25 @@ pub async fn apply<S: BatchStore>(
     // Events of no membership take no lock above, so two replicas can hold the same ids; inserted in
     // one order (by id), the second waits for the first instead of deadlocking with it.
     rows.sort_unstable_by_key(|r| r.event_id);
-    let inserted = store.write(&plan.writes(), &rows, now).await?;
+    let refetches: Vec<QueuedRefetch> = fresh
+        .iter()
+        .filter_map(|&i| match items[i] {
+            Item::Delivered {
+                event_id,
+                event_type,
+                refetch: Some(refetch),
+                ..
+            } => Some(QueuedRefetch {
+                refetch,
+                event_id,
+                reason: event_type,
+            }),
+            _ => None,
+        })
+        .collect();
+    let mut writes = plan.writes();
+    writes.refetches = refetches;
+    let inserted = store.write(&writes, &rows, now).await?;
     if inserted != rows.len() as u64 {
         // Another transaction (another replica) stored one of these ids since the read above.
         return Err(DbError::Conflict);
@@ -623,6 +643,7 @@ impl Plan {
                 .map(|(_, row)| row)
                 .collect(),
             audits: &self.audits,
+            refetches: Vec::new(),
         }
     }
 }

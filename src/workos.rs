@@ -192,6 +192,23 @@ impl WorkosClient {
         Ok(listed.into_iter().find(wanted))
     }
 
+    /// One membership by id (`GET /user_management/organization_memberships/{id}`); `None` on 404.
+    pub async fn get_membership(
+        &self,
+        membership_id: &str,
+        deadline: Instant,
+    ) -> Result<Option<ApiMembership>, WorkosError> {
+        let path = format!(
+            "/user_management/organization_memberships/{}",
+            path_segment(membership_id)
+        );
+        match self.get_json::<ApiMembership>(&path, &[], deadline).await {
+            Ok(membership) => Ok(Some(membership)),
+            Err(WorkosError::Status(404)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Whether this environment knows the organization (`GET /organizations/{id}`: 404 is no).
     pub async fn organization_exists(
         &self,

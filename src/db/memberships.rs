@@ -138,6 +138,19 @@ pub async fn get_with_role(
     Ok(Some((membership, known)))
 }
 
+/// The stored row holding a WorkOS membership id, if any.
+pub async fn get_by_membership_id<'c>(
+    conn: impl Executor<'c, Database = Any>,
+    membership_id: &str,
+) -> Result<Option<Membership>, DbError> {
+    let sql = format!("SELECT {COLUMNS} FROM memberships WHERE membership_id = $1 LIMIT 1");
+    let row: Option<Row> = sqlx::query_as(&sql)
+        .bind(membership_id)
+        .fetch_optional(conn)
+        .await?;
+    Ok(row.map(Membership::from))
+}
+
 /// Every stored row, ordered by organization then user (for tests and operators).
 pub async fn list<'c>(
     conn: impl Executor<'c, Database = Any>,

@@ -12,8 +12,9 @@ use sqlx::{PgConnection, Row};
 
 use super::base::{decode_slugs, decode_timestamp, lock_names, slugs_text, DbError, Key};
 use super::inbox::InboxRow;
-use super::store::{BatchStore, Snapshot, TrailPoint, Writes};
-use super::{audit, inbox, memberships};
+use super::refetch::Enqueue;
+use super::store::{BatchStore, QueuedRefetch, Snapshot, TrailPoint, Writes};
+use super::{audit, inbox, memberships, refetch};
 use crate::domain::{HistoryMark, Membership};
 use crate::timestamp::Timestamp;
 
@@ -77,6 +78,47 @@ pub struct PgStore<'a> {
 
 fn texts<T>(rows: &[T], column: impl Fn(&T) -> Option<String>) -> Vec<Option<String>> {
     rows.iter().map(column).collect()
+}
+
+impl PgStore<'_> {
+    /// Queues refetches (rare: group, role and directory events), one statement each.
+    async fn enqueue(
+        &mut self,
+        refetches: &[QueuedRefetch<'_>],
+        now_ms: i64,
+    ) -> Result<(), DbError> {
+        for queued in refetches {
+            let query = match Enqueue::of(queued) {
+                Enqueue::Target {
+                    target,
+                    organization_id,
+                    event_id,
+                    reason,
+                } => sqlx::query(refetch::ENQUEUE_TARGET)
+                    .bind(target)
+                    .bind(organization_id)
+                    .bind(event_id)
+                    .bind(reason)
+                    .bind(None::<String>)
+                    .bind(now_ms),
+                Enqueue::RoleHolders {
+                    event_id,
+                    reason,
+                    gone_role,
+                    organization_id,
+                    slug,
+                } => sqlx::query(refetch::ENQUEUE_ROLE_HOLDERS)
+                    .bind(event_id)
+                    .bind(reason)
+                    .bind(gone_role)
+                    .bind(now_ms)
+                    .bind(organization_id)
+                    .bind(slug),
+            };
+            query.execute(&mut *self.conn).await?;
+        }
+        Ok(())
+    }
 }
 
 impl BatchStore for PgStore<'_> {
@@ -234,6 +276,8 @@ impl BatchStore for PgStore<'_> {
             .bind(held.iter().map(|h| h.1).collect::<Vec<_>>())
             .bind(held.iter().map(|h| h.2).collect::<Vec<_>>())
             .fetch_one(&mut *self.conn)
+            .await?;
+        self.enqueue(&writes.refetches, received_at.millis())
             .await?;
         Ok(inserted as u64)
     }

@@ -17,14 +17,15 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row};
 
 use super::base::{slugs_text, Backend, DbError, Key, Slugs, SQLITE_PRAGMAS};
 use super::inbox::InboxRow;
-use super::store::{BatchStore, Snapshot, TrailPoint, Writes};
-use super::{audit, inbox, memberships};
+use super::refetch::Enqueue;
+use super::store::{BatchStore, QueuedRefetch, Snapshot, TrailPoint, Writes};
+use super::{audit, inbox, memberships, refetch};
 use crate::domain::{AuditEntry, HistoryMark, Membership};
 use crate::timestamp::Timestamp;
 
 /// Prepared statements kept per connection: every statement the writer runs, `BEGIN IMMEDIATE` and
-/// `COMMIT` included, has one fixed text (13 of them).
-const STATEMENT_CACHE: usize = 16;
+/// `COMMIT` included, has one fixed text (15 of them).
+const STATEMENT_CACHE: usize = 20;
 
 static UPSERT_MEMBERSHIP: LazyLock<String> = LazyLock::new(|| {
     format!(
@@ -284,6 +285,7 @@ impl BatchStore for SqliteStore<'_> {
         self.upsert_memberships(&writes.memberships)?;
         self.set_roles(&writes.role_sets)?;
         self.append_audit(writes.audits)?;
+        self.enqueue(&writes.refetches, received_at.millis())?;
         self.insert_events(events, received_at)
     }
 }
@@ -362,6 +364,49 @@ impl SqliteStore<'_> {
         for row in rows {
             for slug in &row.role_slugs {
                 add.execute([&row.organization_id, &row.user_id, slug])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn enqueue(&mut self, refetches: &[QueuedRefetch<'_>], now_ms: i64) -> Result<(), DbError> {
+        for queued in refetches {
+            match Enqueue::of(queued) {
+                Enqueue::Target {
+                    target,
+                    organization_id,
+                    event_id,
+                    reason,
+                } => {
+                    self.conn.prepare_cached(refetch::ENQUEUE_TARGET)?.execute(
+                        rusqlite::params![
+                            target,
+                            organization_id,
+                            event_id,
+                            reason,
+                            None::<String>,
+                            now_ms
+                        ],
+                    )?;
+                }
+                Enqueue::RoleHolders {
+                    event_id,
+                    reason,
+                    gone_role,
+                    organization_id,
+                    slug,
+                } => {
+                    self.conn
+                        .prepare_cached(refetch::ENQUEUE_ROLE_HOLDERS)?
+                        .execute(rusqlite::params![
+                            event_id,
+                            reason,
+                            gone_role,
+                            now_ms,
+                            organization_id,
+                            slug
+                        ])?;
+                }
             }
         }
         Ok(())

@@ -8,7 +8,7 @@ use super::base::{DbError, Key};
 use super::inbox::InboxRow;
 use super::pool::Db;
 use super::store::{BatchStore, Snapshot, TrailPoint, Writes};
-use super::{audit, inbox, memberships, roles};
+use super::{audit, inbox, memberships, refetch, roles};
 use crate::domain::HistoryMark;
 use crate::timestamp::Timestamp;
 
@@ -49,6 +49,7 @@ impl BatchStore for SqlxStore<'_> {
         memberships::upsert_many(&mut *self.conn, backend, &writes.memberships).await?;
         memberships::set_roles_many(self.conn, &writes.role_sets).await?;
         audit::insert_many(&mut *self.conn, backend, writes.audits).await?;
+        refetch::enqueue_many(self.conn, &writes.refetches, received_at.millis()).await?;
         inbox::insert_many(&mut *self.conn, backend, events, received_at).await
     }
 }

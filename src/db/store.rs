@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::base::{DbError, Key};
 use super::inbox::InboxRow;
-use crate::domain::{AuditEntry, HistoryMark, Membership};
+use crate::domain::{AuditEntry, HistoryMark, Membership, Refetch};
 use crate::timestamp::Timestamp;
 
 /// A point of a membership's audit trail: (organization_id, user_id, as of version).
@@ -53,4 +53,14 @@ pub struct Writes<'a> {
     pub memberships: Vec<&'a Membership>,
     pub role_sets: Vec<&'a Membership>,
     pub audits: &'a [AuditEntry],
+    /// Refetches the batch's deliveries ask for, queued in `refetch_queue`.
+    pub refetches: Vec<QueuedRefetch<'a>>,
+}
+
+/// A refetch a delivery asks for: what, and the event (id and type) that asked.
+#[derive(Debug, Clone, Copy)]
+pub struct QueuedRefetch<'a> {
+    pub refetch: &'a Refetch,
+    pub event_id: &'a str,
+    pub reason: &'a str,
 }

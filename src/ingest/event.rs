@@ -3,7 +3,7 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::domain::{check_id, role_set, Observation, Source, DELETED};
+use crate::domain::{check_id, role_set, Observation, Refetch, Source, DELETED};
 use crate::timestamp::Timestamp;
 
 /// The envelope of every WorkOS event. `data` stays raw until the type is known.
@@ -22,6 +22,8 @@ pub enum EventKind {
     Membership(Observation),
     /// A membership event missing or mangling a required field.
     Invalid(String),
+    /// An event that changes roles without carrying them: stored, with a refetch queued.
+    Refetch(Refetch),
     /// Any other event type: stored and ignored.
     Other,
 }
@@ -97,7 +99,7 @@ pub fn classify(envelope: &Envelope<'_>, source: Source, now: Timestamp) -> Even
     let deleted = match envelope.event.as_str() {
         "organization_membership.created" | "organization_membership.updated" => false,
         "organization_membership.deleted" => true,
-        _ => return EventKind::Other,
+        other => return refetch_kind(other, envelope.data),
     };
     // The payload's fields are under `data`: named so, as the parser names them.
     let checked = |obs: Observation| match obs.check(now) {
@@ -148,6 +150,77 @@ fn observation(
         source,
         event_id: Some(envelope.id.clone()),
     })
+}
+
+/// The event types that change a membership's roles without carrying them (see
+/// `../shared/workos.md`, "Role changes that arrive without a role"); the Events API catch-up asks
+/// for them too.
+pub const REFETCH_EVENTS: [&str; 8] = [
+    "group.member_added",
+    "group.member_removed",
+    "role.deleted",
+    "organization_role.deleted",
+    "organization_role.updated",
+    "dsync.user.updated",
+    "dsync.group.user_added",
+    "dsync.group.user_removed",
+];
+
+/// What a role-changing event without a role asks to refetch; any other type is `Other`.
+fn refetch_kind(event: &str, data: Option<&RawValue>) -> EventKind {
+    if !REFETCH_EVENTS.contains(&event) {
+        return EventKind::Other;
+    }
+    let data: serde_json::Value = match data.map(|raw| serde_json::from_str(raw.get())) {
+        Some(Ok(value)) => value,
+        Some(Err(e)) => return EventKind::Invalid(format!("`data` is not JSON: {e}")),
+        None => return EventKind::Invalid("missing field `data`".into()),
+    };
+    let text = |path: &[&str]| {
+        path.iter()
+            .try_fold(&data, |v, key| v.get(key))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    let checked = |value: Option<String>, name: &str| -> Result<String, String> {
+        let value = value.ok_or_else(|| format!("missing field `data.{name}`"))?;
+        check_id(&value).map_err(|why| format!("field `data.{name}` {why}"))?;
+        Ok(value)
+    };
+    let refetch = match event {
+        "group.member_added" | "group.member_removed" => checked(
+            text(&["organization_membership_id"]),
+            "organization_membership_id",
+        )
+        .map(Refetch::Membership),
+        "role.deleted" => checked(text(&["slug"]), "slug").map(|slug| Refetch::Role {
+            slug,
+            organization_id: None,
+            gone: true,
+        }),
+        "organization_role.deleted" | "organization_role.updated" => {
+            let slug = checked(text(&["slug"]), "slug");
+            let organization = checked(text(&["organization_id"]), "organization_id");
+            slug.and_then(|slug| {
+                Ok(Refetch::Role {
+                    slug,
+                    organization_id: Some(organization?),
+                    gone: event.ends_with(".deleted"),
+                })
+            })
+        }
+        // A directory user or group names no membership: every membership of its organization.
+        _ => {
+            let organization = text(&["organization_id"])
+                .or_else(|| text(&["user", "organization_id"]))
+                .or_else(|| text(&["group", "organization_id"]));
+            checked(organization, "organization_id").map(Refetch::Organization)
+        }
+    };
+    match refetch {
+        Ok(refetch) => EventKind::Refetch(refetch),
+        Err(reason) => EventKind::Invalid(reason),
+    }
 }
 
 /// A field the observation needs; what it may hold is [`Observation::check`]'s to say.

@@ -12,6 +12,7 @@ mod migrations;
 mod ops;
 mod process;
 mod reconcile;
+mod refetch;
 mod reliability;
 mod role_sets;
 mod schema;
