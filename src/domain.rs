@@ -90,6 +90,10 @@ pub struct Observation {
     /// Every role slug WorkOS reported (`roles` with multiple roles on, and the primary), sorted and
     /// distinct ([`role_set`]).
     pub role_slugs: Vec<String>,
+    /// Whether WorkOS sent `roles` at all: a webhook may leave it out even with multiple roles on,
+    /// and then `role_slugs` is only the primary role ([`crate::reconcile::decide`] keeps the
+    /// stored set and queues a refetch).
+    pub roles_reported: bool,
     pub status: String,
     pub deleted: bool,
     /// A deletion inferred from WorkOS no longer listing the membership ([`inferred_deletion`]),
@@ -141,7 +145,7 @@ impl Observation {
 }
 
 /// Most role slugs one membership may carry; WorkOS environments define a handful of roles.
-pub const MAX_ROLES: usize = 100;
+pub const MAX_ROLES: usize = 1000;
 
 /// The role set of a membership WorkOS reports: its `roles` (absent when multiple roles are off)
 /// with its primary `role`, sorted and distinct.
@@ -151,6 +155,24 @@ pub fn role_set(primary: Option<&str>, roles: impl IntoIterator<Item = String>) 
     set.sort_unstable();
     set.dedup();
     set
+}
+
+/// The role set a payload reports: `roles` (entries as read: `None` for one without a string
+/// `slug`) with the primary role, and whether `roles` was there. An entry without a slug, or with an
+/// empty one, makes the whole payload refused: a mangled set must not shrink a stored one.
+pub fn reported_roles(
+    primary: Option<&str>,
+    roles: Option<Vec<Option<String>>>,
+) -> Result<(Vec<String>, bool), String> {
+    let reported = roles.is_some();
+    let mut slugs = Vec::new();
+    for (i, slug) in roles.into_iter().flatten().enumerate() {
+        match slug {
+            Some(slug) if !slug.is_empty() => slugs.push(slug),
+            _ => return Err(format!("field `roles[{i}].slug` is missing or empty")),
+        }
+    }
+    Ok((role_set(primary, slugs), reported))
 }
 
 /// A `memberships` row, with its role set (`membership_roles`).

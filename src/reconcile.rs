@@ -2,12 +2,14 @@
 
 use sqlx::AnyConnection;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::db::inbox::InboxRow;
 use crate::db::sqlx_store::SqlxStore;
 use crate::db::store::{BatchStore, QueuedRefetch, Snapshot, Writes};
 use crate::db::{self, Db, DbError, Key};
+use crate::domain::role_set;
 use crate::timestamp::Timestamp;
 
 pub use crate::domain::{
@@ -35,6 +37,7 @@ pub fn inferred_deletion(
         membership_id: stored.map(|s| s.membership_id.clone()).unwrap_or_default(),
         role_slug: None,
         role_slugs: Vec::new(),
+        roles_reported: true,
         status: DELETED.to_owned(),
         deleted: true,
         inferred: true,
@@ -60,6 +63,9 @@ pub struct Decision {
     pub outcome: Outcome,
     pub write: Option<Membership>,
     pub audit: Option<AuditEntry>,
+    /// The observation left its role set unsaid over a stored set of several roles
+    /// ([`reported_set`]): the membership is to be fetched again to learn it.
+    pub refetch: bool,
 }
 
 /// Whether the stored row is newer than the observation (rule 1). At the same version a stored
@@ -118,6 +124,7 @@ pub fn decide(
             outcome: Outcome::Stale,
             write: None,
             audit: news.then_some(audit),
+            refetch: false,
         };
     }
     // WorkOS lists no membership where none is stored: nothing to remove, nothing to record.
@@ -126,8 +133,10 @@ pub fn decide(
             outcome: Outcome::Unchanged,
             write: None,
             audit: None,
+            refetch: false,
         };
     }
+    let (reported, refetch) = reported_set(stored, obs);
     let lowered;
     let obs = match below_live(stored, obs) {
         Some(version) => {
@@ -139,8 +148,7 @@ pub fn decide(
         }
         None => obs,
     };
-    let refused: Vec<&str> = obs
-        .role_slugs
+    let refused: Vec<&str> = reported
         .iter()
         .map(String::as_str)
         .filter(|s| !known.knows(s))
@@ -162,8 +170,7 @@ pub fn decide(
             "membership deleted in WorkOS".to_owned(),
         )
     } else if !primary_known || !refused.is_empty() {
-        let accepted: Vec<String> = obs
-            .role_slugs
+        let accepted: Vec<String> = reported
             .iter()
             .filter(|s| known.knows(s))
             .cloned()
@@ -172,9 +179,11 @@ pub fn decide(
             true => (obs.role_slug.clone(), obs.status.clone()),
             false => (old_role.clone(), status_under_unknown_role(stored, obs)),
         };
+        // A primary role kept under an unknown slug stays in the set: `role_slug` is always one
+        // of `roles`.
         let roles = match accepted.is_empty() {
             true => old_roles.clone().unwrap_or_default(),
-            false => accepted,
+            false => role_set(role.as_deref(), accepted),
         };
         let mut detail = refusal(obs, &refused, primary_known, old_role.as_deref());
         if primary_known || !roles_of_role(&roles, role.as_deref()) {
@@ -192,12 +201,12 @@ pub fn decide(
     } else {
         let change = describe_change(
             (&old_role, &obs.role_slug),
-            (old_roles.as_deref(), &obs.role_slugs),
+            (old_roles.as_deref(), &reported),
             (&old_status, &obs.status),
         );
         (
             obs.role_slug.clone(),
-            obs.role_slugs.clone(),
+            reported.to_vec(),
             obs.status.clone(),
             Outcome::Applied,
             match directory_cause(old_status.as_deref(), obs) {
@@ -221,7 +230,7 @@ pub fn decide(
             true => stored
                 .map(|s| s.workos_role_slugs.clone())
                 .unwrap_or_default(),
-            false => obs.role_slugs.clone(),
+            false => reported.to_vec(),
         },
         status: new_status.clone(),
         version: obs.version,
@@ -233,6 +242,7 @@ pub fn decide(
             outcome: Outcome::Unchanged,
             write,
             audit: None,
+            refetch,
         };
     }
     let audit = audit(
@@ -248,6 +258,30 @@ pub fn decide(
         outcome,
         write: Some(row),
         audit: Some(audit),
+        refetch,
+    }
+}
+
+/// The role set an observation reports, and whether it is to be confirmed by a refetch. A webhook or
+/// Events API payload without `roles` (which WorkOS may leave out even with multiple roles on)
+/// names only its primary role: over a stored set of more than its primary role, taking that as
+/// the set would take away roles WorkOS may still give. The stored set is kept, with the new
+/// primary role, and the membership is fetched again to learn its set.
+fn reported_set<'a>(
+    stored: Option<&Membership>,
+    obs: &'a Observation,
+) -> (Cow<'a, [String]>, bool) {
+    match stored {
+        Some(s)
+            if !obs.roles_reported
+                && !obs.deleted
+                && obs.event_id.is_some()
+                && !roles_of_role(&s.role_slugs, s.role_slug.as_deref()) =>
+        {
+            let set = role_set(obs.role_slug.as_deref(), s.role_slugs.iter().cloned());
+            (Cow::Owned(set), true)
+        }
+        _ => (Cow::Borrowed(&obs.role_slugs), false),
     }
 }
 
@@ -595,6 +629,15 @@ pub async fn apply<S: BatchStore>(
         .collect();
     let mut writes = plan.writes();
     writes.refetches = refetches;
+    writes.refetches.extend(
+        plan.refetches
+            .iter()
+            .map(|(refetch, event_id)| QueuedRefetch {
+                refetch,
+                event_id,
+                reason: ROLES_ABSENT,
+            }),
+    );
     let inserted = store.write(&writes, &rows, now).await?;
     if inserted != rows.len() as u64 {
         // Another transaction (another replica) stored one of these ids since the read above.
@@ -602,6 +645,9 @@ pub async fn apply<S: BatchStore>(
     }
     Ok(answers)
 }
+
+/// The `refetch_queue.reason` of a membership event that left its role set unsaid.
+pub const ROLES_ABSENT: &str = "roles_absent";
 
 /// Indexes of every observation and of the first delivery of each event id, in order.
 fn first_occurrences(items: &[Item<'_>]) -> Vec<usize> {
@@ -627,6 +673,8 @@ pub struct Plan {
     pub memberships: BTreeMap<Key, Membership>,
     /// The memberships whose role set the batch changed (from what was stored before it).
     pub role_sets: BTreeSet<Key>,
+    /// Memberships to fetch again ([`Decision::refetch`]), with the event that left the set unsaid.
+    pub refetches: Vec<(Refetch, String)>,
     /// Audit rows, in order.
     pub audits: Vec<AuditEntry>,
 }
@@ -687,6 +735,10 @@ pub async fn plan_with<S: BatchStore>(
         }
         plan.audits.extend(decision.audit);
         plan.outcomes.push(decision.outcome);
+        if let (true, Some(event_id)) = (decision.refetch, &obs.event_id) {
+            let refetch = Refetch::Membership(obs.membership_id.clone());
+            plan.refetches.push((refetch, event_id.clone()));
+        }
     }
     Ok(plan)
 }

@@ -21,13 +21,18 @@ use crate::workos::WorkosClient;
 
 /// Rows claimed per pass.
 const PASS: i64 = 32;
-/// How long one membership's fetch may take, retries included.
-const FETCH_DEADLINE: Duration = Duration::from_secs(60);
+/// How long one membership's fetch may take, the client's retries included: a failing row holds the
+/// queue no longer than this, and the queue's own backoff retries it.
+const FETCH_DEADLINE: Duration = Duration::from_secs(10);
+/// Attempts after which a row is dropped (about 45 minutes of backoff): a permanent refusal (an
+/// organization WorkOS no longer has, a membership rolesync cannot store) must not stay queued for
+/// ever; the membership's next login or event still heals it.
+const MAX_ATTEMPTS: i64 = 16;
 /// Longest wait between two attempts of one row.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Attempts that find a deleted role still held before the answer is taken as it is: WorkOS moves
-/// the holders of a deleted role asynchronously (about a minute of backoff in all).
-const GONE_ROLE_WAITS: i64 = 6;
+/// the holders of a deleted role asynchronously (half a minute to a minute of backoff in all).
+const GONE_ROLE_WAITS: i64 = 7;
 
 /// The worker and what it needs.
 pub struct Refetcher {
@@ -59,17 +64,24 @@ enum Attempt {
 }
 
 impl Refetcher {
-    /// Claims and works every due row (up to [`PASS`]), one at a time.
+    /// Claims and works every due row (up to [`PASS`]), one at a time; without an API key it only
+    /// measures the queue.
     pub async fn run_once(&self) -> Result<Pass, DbError> {
         let mut pass = Pass::default();
-        let now = self.clock.now();
-        for row in refetch::due(self.db.pool(), now.millis(), PASS).await? {
+        self.measure().await?;
+        if !self.workos.is_configured() {
+            return Ok(pass);
+        }
+        let due = refetch::due(self.db.pool(), self.clock.now().millis(), PASS).await?;
+        for row in due {
+            // Each row's lease starts when it is claimed: an earlier row's fetch may have taken long.
+            let now = self.clock.now().millis();
             let lease = match row.target.starts_with(ORGANIZATION_TARGET) {
                 true => self.lease * 10,
                 false => self.lease,
             };
-            let until = now.millis().saturating_add(lease.as_millis() as i64);
-            if !refetch::claim(self.db.pool(), &row.target, now.millis(), until).await? {
+            let until = now.saturating_add(lease.as_millis() as i64);
+            if !refetch::claim(self.db.pool(), &row.target, now, until).await? {
                 continue;
             }
             match self.attempt(&row).await {
@@ -77,6 +89,13 @@ impl Refetcher {
                     refetch::finish(self.db.pool(), &row, self.clock.now().millis()).await?;
                     self.metrics.refetch_attempt("done");
                     pass.done += 1;
+                }
+                Attempt::Later(why) if row.attempts + 1 >= MAX_ATTEMPTS => {
+                    refetch::finish(self.db.pool(), &row, self.clock.now().millis()).await?;
+                    self.metrics.refetch_attempt("abandoned");
+                    tracing::error!(target = %row.target, event_id = %row.event_id, attempts = row.attempts + 1,
+                        reason = %why, "refetch abandoned; the membership's next login or event heals it");
+                    pass.deferred += 1;
                 }
                 Attempt::Later(why) => {
                     let wait = backoff(row.attempts);
@@ -92,8 +111,8 @@ impl Refetcher {
                     pass.deferred += 1;
                 }
             }
+            self.measure().await?;
         }
-        self.measure().await?;
         Ok(pass)
     }
 

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use std::sync::Arc;
 
 use crate::config::Secret;
-use crate::domain::{role_set, Observation, Source};
+use crate::domain::{reported_roles, Observation, Source};
 use crate::metrics::Metrics;
 use crate::timestamp::Timestamp;
 
@@ -116,15 +116,20 @@ impl ApiMembership {
     pub fn observation(&self, source: Source, now: Timestamp) -> Result<Observation, WorkosError> {
         let version = Timestamp::parse(&self.updated_at)
             .map_err(|e| WorkosError::Malformed(e.to_string()))?;
+        let roles = self
+            .roles
+            .as_ref()
+            .map(|roles| roles.iter().map(|r| r.slug.clone()).collect());
+        let primary = self.role.as_ref().and_then(|r| r.slug.as_deref());
+        let (role_slugs, roles_reported) = reported_roles(primary, roles)
+            .map_err(|why| WorkosError::Malformed(format!("membership {}: {why}", self.id)))?;
         let observation = Observation {
             organization_id: self.organization_id.clone(),
             user_id: self.user_id.clone(),
             membership_id: self.id.clone(),
             role_slug: self.role.as_ref().and_then(|r| r.slug.clone()),
-            role_slugs: role_set(
-                self.role.as_ref().and_then(|r| r.slug.as_deref()),
-                self.roles.iter().flatten().filter_map(|r| r.slug.clone()),
-            ),
+            role_slugs,
+            roles_reported,
             status: self.status.clone().unwrap_or_else(|| "unknown".into()),
             deleted: false,
             inferred: false,

@@ -27,15 +27,18 @@ pub(super) const ENQUEUE_TARGET: &str = concat!(
     on_signal!()
 );
 
-/// Queues every stored, not deleted membership holding a role: event_id, reason, gone_role, now,
-/// organization_id (NULL: any), slug. Parameters appear in number order (SQLite numbers `$N`
-/// names by first appearance).
+/// Queues every stored, not deleted membership holding a role (`membership_roles`, which holds every
+/// membership's primary role too): event_id, reason, gone_role, now, organization_id (NULL: any),
+/// slug. One row per membership id (two stored rows may share one: PostgreSQL refuses an upsert
+/// that meets its own row twice). Parameters appear in number order (SQLite numbers `$N` names by
+/// first appearance).
 pub(super) const ENQUEUE_ROLE_HOLDERS: &str = concat!(
     "INSERT INTO refetch_queue (target, organization_id, event_id, reason, gone_role, queued_at, next_attempt_at) \
-     SELECT m.membership_id, m.organization_id, $1, $2, $3, $4, $4 FROM memberships m \
-     WHERE m.status <> 'deleted' AND ($5 IS NULL OR m.organization_id = $5) \
-     AND (m.role_slug = $6 OR EXISTS (SELECT 1 FROM membership_roles r \
-     WHERE r.organization_id = m.organization_id AND r.user_id = m.user_id AND r.role_slug = $6))",
+     SELECT m.membership_id, MIN(m.organization_id), $1, $2, $3, $4, $4 \
+     FROM membership_roles r JOIN memberships m \
+     ON m.organization_id = r.organization_id AND m.user_id = r.user_id \
+     WHERE m.status <> 'deleted' AND ($5 IS NULL OR r.organization_id = $5) AND r.role_slug = $6 \
+     GROUP BY m.membership_id",
     on_signal!()
 );
 

@@ -3,7 +3,9 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::domain::{check_id, role_set, Observation, Refetch, Source, DELETED};
+use crate::domain::{
+    check_id, reported_roles, Observation, Refetch, Source, DELETED, ORGANIZATION_TARGET,
+};
 use crate::timestamp::Timestamp;
 
 /// The envelope of every WorkOS event. `data` stays raw until the type is known.
@@ -123,10 +125,11 @@ fn observation(
     let updated_at = required(data.updated_at, "data.updated_at")?;
     let version = Timestamp::parse(&updated_at).map_err(|e| format!("data.updated_at: {e}"))?;
     let role_slug = data.role.and_then(|r| r.slug).filter(|s| !s.is_empty());
-    let role_slugs = role_set(
-        role_slug.as_deref(),
-        data.roles.into_iter().flatten().filter_map(|r| r.slug),
-    );
+    let roles = data
+        .roles
+        .map(|roles| roles.into_iter().map(|r| r.slug).collect());
+    let (role_slugs, roles_reported) = reported_roles(role_slug.as_deref(), roles)
+        .map_err(|why| why.replacen("field `", "field `data.", 1))?;
     let (status, role_slug) = if deleted {
         (DELETED.to_owned(), role_slug)
     } else {
@@ -142,6 +145,7 @@ fn observation(
         membership_id: required(data.id, "data.id")?,
         role_slug,
         role_slugs,
+        roles_reported,
         status,
         deleted,
         inferred: false,
@@ -192,7 +196,12 @@ fn refetch_kind(event: &str, data: Option<&RawValue>) -> EventKind {
             text(&["organization_membership_id"]),
             "organization_membership_id",
         )
-        .map(Refetch::Membership),
+        .and_then(|id| match id.starts_with(ORGANIZATION_TARGET) {
+            true => Err(format!(
+                "field `data.organization_membership_id` {id:?} is no membership id"
+            )),
+            false => Ok(Refetch::Membership(id)),
+        }),
         "role.deleted" => checked(text(&["slug"]), "slug").map(|slug| Refetch::Role {
             slug,
             organization_id: None,

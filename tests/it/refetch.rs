@@ -288,4 +288,54 @@ both! {
         assert!(queue(&t.db).await.is_empty(), "{logs}");
         assert!(!logs.contains("sk_test_refetch"), "the API key is never logged");
     }
+
+    async fn a_role_held_by_two_rows_of_one_membership_id_queues_it_once(t) {
+        let app = app(&t.db);
+        // Two stored rows with one WorkOS membership id (nothing in WorkOS's contract forbids it).
+        app.deliver(&membership_event("e1", "created", "user_1", "member", "active", 1)).await;
+        let mut other: Value = serde_json::from_slice(&membership_event("e2", "created", "user_2", "member", "active", 1)).unwrap();
+        other["data"]["id"] = json!("om_user_1");
+        app.deliver(&serde_json::to_vec(&other).unwrap()).await;
+        let (status, body) = app.deliver(&event("r1", "organization_role.updated", json!({"slug": "member", "organization_id": "org_1"}))).await;
+        assert_eq!((status.as_u16(), body["outcome"].as_str()), (200, Some("refetch_queued")), "{body}");
+        assert_eq!(queue(&t.db).await, ["om_user_1"]);
+    }
+
+    async fn a_membership_id_that_names_an_organization_target_is_refused(t) {
+        let app = app(&t.db);
+        let (status, _) = app.deliver(&group_event("g1", "group.member_added", "org:org_1")).await;
+        assert_eq!(status.as_u16(), 422);
+        assert!(queue(&t.db).await.is_empty());
+    }
+
+    async fn a_row_failing_for_ever_is_abandoned_and_counted(t) {
+        let app = app(&t.db);
+        let fake = FakeWorkos::start().await;
+        app.deliver(&group_event("g1", "group.member_added", "om_user_1")).await;
+        sqlx::query("UPDATE refetch_queue SET attempts = 15").execute(t.db.pool()).await.unwrap();
+        fake.script([Reply::status(400)]);
+        let worker = refetcher(&app, &fake);
+        assert_eq!(worker.run_once().await.unwrap(), Pass { done: 0, deferred: 1 });
+        assert!(queue(&t.db).await.is_empty(), "dropped after its last attempt");
+        assert!(worker.metrics.render().contains("rolesync_refetch_attempts_total{outcome=\"abandoned\"} 1"));
+    }
+
+    async fn without_an_api_key_the_queue_is_measured_and_left_alone(t) {
+        let app = app(&t.db);
+        app.deliver(&group_event("g1", "group.member_added", "om_user_1")).await;
+        let metrics = Arc::new(Metrics::new());
+        let worker = Refetcher {
+            db: t.db.clone(),
+            workos: WorkosClient::new("http://127.0.0.1:9", None, metrics.clone()),
+            clock: app.clock.clone(),
+            metrics,
+            budget: None,
+            lease: Duration::from_secs(60),
+        };
+        app.clock.advance_millis(90_000);
+        assert_eq!(worker.run_once().await.unwrap(), Pass::default());
+        assert_eq!(worker.metrics.refetch_queue_depth.get(), 1);
+        assert_eq!(worker.metrics.refetch_queue_oldest_seconds.get(), 90);
+        assert_eq!(queue(&t.db).await, ["om_user_1"]);
+    }
 }

@@ -184,4 +184,52 @@ both! {
             (json!("applied"), json!("member"), json!(["creator", "member"])), "{answer}");
         assert_eq!(held(&t.db).await, ["creator", "member"]);
     }
+
+    async fn an_unknown_primary_role_stays_in_the_set_it_heads(t) {
+        let app = app(&t.db);
+        app.deliver(&set_event("e1", "created", "member", &["member"], "active", 1)).await;
+        let (_, answer) = app.deliver(&set_event("e2", "updated", "creator", &["creator", "admin"], "active", 2)).await;
+        assert_eq!(answer["outcome"], "unknown_role");
+        let row = membership(&t.db, "org_1", "user_1").await.unwrap();
+        assert_eq!(row.role_slug.as_deref(), Some("member"), "an unknown slug never changes the primary role");
+        assert_eq!(held(&t.db).await, ["admin", "member"], "the kept primary role stays one of the set");
+    }
+
+    async fn a_mangled_role_entry_is_refused_and_changes_nothing(t) {
+        let app = app(&t.db);
+        app.deliver(&set_event("e1", "created", "member", &["member", "admin"], "active", 1)).await;
+        for (id, roles) in [("e2", json!([{}])), ("e3", json!([{"slug": ""}])), ("e4", json!([{"slug": 7}])), ("e5", json!("admin"))] {
+            let body = serde_json::to_vec(&json!({"id": id, "event": "organization_membership.updated",
+                "data": {"object": "organization_membership", "id": "om_user_1", "user_id": "user_1",
+                "organization_id": "org_1", "status": "active", "role": {"slug": "member"}, "roles": roles,
+                "updated_at": v(2).to_string()}})).unwrap();
+            let (status, answer) = app.deliver(&body).await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{id}: {answer}");
+        }
+        assert_eq!(held(&t.db).await, ["admin", "member"]);
+        assert_eq!(audit_count(&t.db).await, 1);
+    }
+
+    async fn a_webhook_without_roles_keeps_a_stored_set_and_queues_a_refetch(t) {
+        let app = app(&t.db);
+        app.deliver(&set_event("e1", "created", "member", &["member", "admin"], "active", 1)).await;
+        // A later webhook that leaves `roles` out (a status change): the set is not taken as `[member]`.
+        let body = serde_json::to_vec(&json!({"id": "e2", "event": "organization_membership.updated",
+            "data": {"object": "organization_membership", "id": "om_user_1", "user_id": "user_1",
+            "organization_id": "org_1", "status": "inactive", "role": {"slug": "member"},
+            "updated_at": v(2).to_string()}})).unwrap();
+        let (_, answer) = app.deliver(&body).await;
+        assert_eq!(answer["outcome"], "applied");
+        let row = membership(&t.db, "org_1", "user_1").await.unwrap();
+        assert_eq!((row.status.as_str(), row.role_slugs.clone()), ("inactive", vec!["admin".to_owned(), "member".to_owned()]));
+        let queued = db::refetch::due(t.db.pool(), i64::MAX, 10).await.unwrap();
+        assert_eq!(queued.iter().map(|q| (q.target.as_str(), q.event_id.as_str(), q.reason.as_str())).collect::<Vec<_>>(),
+            [("om_user_1", "e2", "roles_absent")], "a refetch learns the set");
+        // A single-role membership (its set is its primary role) takes a payload without roles as is.
+        let single = serde_json::to_vec(&json!({"id": "e3", "event": "organization_membership.created",
+            "data": {"object": "organization_membership", "id": "om_user_2", "user_id": "user_2",
+            "organization_id": "org_1", "status": "active", "role": {"slug": "member"}, "updated_at": v(1).to_string()}})).unwrap();
+        app.deliver(&single).await;
+        assert_eq!(db::refetch::due(t.db.pool(), i64::MAX, 10).await.unwrap().len(), 1, "no refetch for a single role");
+    }
 }
