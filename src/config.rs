@@ -463,6 +463,17 @@ pub struct Config {
     )]
     pub sync_settle_secs: u64,
 
+    /// Seconds a refetch of one membership holds its queue row before another worker or replica may take it over (an organization's: ten times as long)
+    #[arg(
+        long,
+        env = "ROLESYNC_REFETCH_LEASE_SECS",
+        value_name = "ROLESYNC_REFETCH_LEASE_SECS",
+        default_value_t = 120,
+        value_parser = clap::value_parser!(u64).range(1..=3600),
+        global = true
+    )]
+    pub refetch_lease_secs: u64,
+
     /// Database connections in the pool
     #[arg(
         long,

@@ -7,6 +7,7 @@
 mod base;
 mod pool;
 mod postgres;
+pub mod refetch;
 pub mod schema;
 mod sqlite;
 pub mod store;
@@ -16,4 +17,7 @@ pub use pool::{
     Committer, Db, Store, SyncLease, WriteTx, WriteUnderWay, STALLED_WRITE,
     WRITE_FAILURES_NOT_READY,
 };
-pub use store::{AuditRow, BatchStore, InboxRow, Snapshot, StoredEvent, StoredFilter, Writes};
+pub use store::{
+    AuditRow, BatchStore, InboxRow, QueuedRefetch, RoleSet, Snapshot, StoredEvent, StoredFilter,
+    Writes,
+};

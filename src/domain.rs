@@ -15,6 +15,9 @@ pub enum Source {
     Resync,
     Replay,
     Cli,
+    /// A refetch of the membership from the WorkOS API after an event that changed its roles
+    /// without carrying them (a group or directory change, a role deleted or changed).
+    Refetch,
 }
 
 impl Source {
@@ -27,6 +30,7 @@ impl Source {
             Self::Resync => "resync",
             Self::Replay => "replay",
             Self::Cli => "cli",
+            Self::Refetch => "refetch",
         }
     }
 }
@@ -83,6 +87,13 @@ pub struct Observation {
     pub membership_id: String,
     /// The primary role slug WorkOS reported; `None` when it reported none.
     pub role_slug: Option<String>,
+    /// Every role slug WorkOS reported (`roles` with multiple roles on, and the primary), sorted and
+    /// distinct ([`role_set`]).
+    pub role_slugs: Vec<String>,
+    /// Whether WorkOS sent `roles` at all: a webhook may leave it out even with multiple roles on,
+    /// and then `role_slugs` is only the primary role ([`crate::reconcile::decide`] keeps the
+    /// stored set and queues a refetch).
+    pub roles_reported: bool,
     pub status: String,
     pub deleted: bool,
     /// A deletion inferred from WorkOS no longer listing the membership ([`inferred_deletion`]),
@@ -117,6 +128,12 @@ impl Observation {
                 check_id(value).map_err(|why| format!("field `{name}` {why}"))?;
             }
         }
+        if self.role_slugs.len() > MAX_ROLES {
+            return Err(format!("field `roles` holds more than {MAX_ROLES} roles"));
+        }
+        for slug in &self.role_slugs {
+            check_id(slug).map_err(|why| format!("field `roles` has a slug that {why}"))?;
+        }
         if self.version.millis() > now.millis().saturating_add(MAX_VERSION_AHEAD_MS) {
             return Err(format!(
                 "field `updated_at` {} is more than a day ahead of now ({now})",
@@ -127,14 +144,53 @@ impl Observation {
     }
 }
 
-/// A `memberships` row.
+/// Most role slugs one membership may carry; WorkOS environments define a handful of roles.
+pub const MAX_ROLES: usize = 1000;
+
+/// The role set of a membership WorkOS reports: its `roles` (absent when multiple roles are off)
+/// with its primary `role`, sorted and distinct.
+pub fn role_set(primary: Option<&str>, roles: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut set: Vec<String> = roles.into_iter().filter(|s| !s.is_empty()).collect();
+    set.extend(primary.map(str::to_owned));
+    set.sort_unstable();
+    set.dedup();
+    set
+}
+
+/// The role set a payload reports: `roles` (entries as read: `None` for one without a string
+/// `slug`) with the primary role, and whether `roles` was there. An entry without a slug, or with an
+/// empty one, makes the whole payload refused: a mangled set must not shrink a stored one.
+pub fn reported_roles(
+    primary: Option<&str>,
+    roles: Option<Vec<Option<String>>>,
+) -> Result<(Vec<String>, bool), String> {
+    let reported = roles.is_some();
+    let mut slugs = Vec::new();
+    for (i, slug) in roles.into_iter().flatten().enumerate() {
+        match slug {
+            Some(slug) if !slug.is_empty() => slugs.push(slug),
+            _ => return Err(format!("field `roles[{i}].slug` is missing or empty")),
+        }
+    }
+    Ok((role_set(primary, slugs), reported))
+}
+
+/// A `memberships` row, with its role set (`membership_roles`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Membership {
     pub organization_id: String,
     pub user_id: String,
     pub membership_id: String,
+    /// The primary role the app gates on (single-role apps).
     pub role_slug: Option<String>,
     pub workos_role_slug: Option<String>,
+    /// The roles rolesync applied (the rows of `membership_roles`), sorted; empty for a deleted
+    /// membership. Answers name it `roles`.
+    #[serde(rename = "roles")]
+    pub role_slugs: Vec<String>,
+    /// The role set WorkOS last reported, unknown slugs included, sorted (`workos_roles`).
+    #[serde(rename = "workos_roles")]
+    pub workos_role_slugs: Vec<String>,
     pub status: String,
     pub version: Timestamp,
     pub updated_at: Timestamp,
@@ -152,6 +208,9 @@ pub struct AuditEntry {
     pub workos_role_slug: Option<String>,
     pub old_role: Option<String>,
     pub new_role: Option<String>,
+    /// The role sets before and after (`role_audit.old_roles` / `new_roles`); `None` where no row was stored.
+    pub old_roles: Option<Vec<String>>,
+    pub new_roles: Option<Vec<String>>,
     pub old_status: Option<String>,
     pub new_status: Option<String>,
     pub outcome: Outcome,
@@ -178,6 +237,9 @@ pub enum Applied {
     Ignored,
     /// A membership event missing or mangling a required field, stored.
     Invalid,
+    /// An event that changes a membership's roles without carrying them, stored with a refetch of
+    /// what it names queued in the same transaction ([`Refetch`]).
+    RefetchQueued,
     /// An event id the inbox already holds (or that came earlier in the batch); nothing changed.
     Duplicate,
 }
@@ -189,7 +251,40 @@ impl Applied {
             Self::Reconciled(outcome) => outcome.as_str(),
             Self::Ignored => "ignored",
             Self::Invalid => "invalid",
+            Self::RefetchQueued => "refetch_queued",
             Self::Duplicate => "duplicate",
         }
     }
 }
+
+/// What an event that changes roles without carrying them asks to fetch again from the WorkOS API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refetch {
+    /// One membership (`om_...`): a group membership change.
+    Membership(String),
+    /// Every membership of an organization: a directory-sync change, which names a directory user
+    /// rather than a membership.
+    Organization(String),
+    /// Every stored membership holding this role (in this organization, for an organization role):
+    /// a role deleted (`gone`: WorkOS moves its holders to the default role, asynchronously) or changed.
+    Role {
+        slug: String,
+        organization_id: Option<String>,
+        gone: bool,
+    },
+}
+
+impl Refetch {
+    /// The `refetch_queue.target` of a membership or an organization; `None` for a role, which is
+    /// queued as the memberships holding it.
+    pub fn target(&self) -> Option<String> {
+        match self {
+            Self::Membership(id) => Some(id.clone()),
+            Self::Organization(id) => Some(format!("{ORGANIZATION_TARGET}{id}")),
+            Self::Role { .. } => None,
+        }
+    }
+}
+
+/// The prefix of an organization's `refetch_queue.target` (a membership's is its `om_...` id).
+pub const ORGANIZATION_TARGET: &str = "org:";

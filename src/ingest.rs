@@ -58,8 +58,13 @@ impl Incoming {
             event_type: &self.event_type,
             payload: &self.payload,
             observation: self.observation(),
+            refetch: match &self.kind {
+                EventKind::Refetch(refetch) => Some(refetch),
+                _ => None,
+            },
             settled: match self.kind {
                 EventKind::Invalid(_) => Applied::Invalid,
+                EventKind::Refetch(_) => Applied::RefetchQueued,
                 _ => Applied::Ignored,
             },
         }

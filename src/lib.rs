@@ -13,6 +13,7 @@ pub mod login;
 pub mod metrics;
 pub mod output;
 pub mod reconcile;
+pub mod refetch;
 pub mod replay;
 pub mod resync;
 pub mod server;

@@ -1,7 +1,7 @@
 //! The login path: heals one membership from the WorkOS API through the reconcile, never failing a
 //! login because of WorkOS; concurrent logins of a membership share one fetch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,6 +40,8 @@ pub struct LoginAnswer {
     pub user_id: String,
     pub organization_id: String,
     pub role: Option<String>,
+    /// Every role the membership holds (`membership_roles`), sorted; `role` is the primary one.
+    pub roles: Vec<String>,
     pub status: Option<String>,
     /// The reconcile outcome; null when the answer comes from the database.
     pub outcome: Option<Outcome>,
@@ -67,7 +69,7 @@ pub struct LoginService {
     token: Option<Secret>,
     budget: Duration,
     per_membership: Option<DefaultKeyedRateLimiter<Key>>,
-    global: Option<DefaultDirectRateLimiter>,
+    global: Option<Arc<DefaultDirectRateLimiter>>,
     inflight: Mutex<HashMap<Key, Flight>>,
     logins: AtomicU64,
     configuration_error_logged: AtomicBool,
@@ -83,7 +85,7 @@ impl LoginService {
             .flatten()
             .map(RateLimiter::keyed);
         let global = NonZeroU32::new(config.workos_rps)
-            .map(|rps| RateLimiter::direct(Quota::per_second(rps)));
+            .map(|rps| Arc::new(RateLimiter::direct(Quota::per_second(rps))));
         Self {
             workos: WorkosClient::new(
                 &config.api_base_url.0,
@@ -101,6 +103,12 @@ impl LoginService {
             configuration_error_logged: AtomicBool::new(false),
             metrics,
         }
+    }
+
+    /// The process's budget of WorkOS calls (`ROLESYNC_WORKOS_RPS`), which the refetch queue's
+    /// worker shares; `None` when unlimited.
+    pub fn workos_budget(&self) -> Option<Arc<DefaultDirectRateLimiter>> {
+        self.global.clone()
     }
 
     /// Whether the login endpoints are enabled (a token is configured).
@@ -320,7 +328,7 @@ async fn unfetched(
 async fn apply(
     svc: &LoginService,
     obs: &Observation,
-    stored: Option<&(Membership, bool)>,
+    stored: Option<&(Membership, HashSet<String>)>,
 ) -> Result<LoginAnswer, LoginError> {
     let storage = |e: db::DbError| LoginError::StorageUnavailable(e.to_string());
     let (outcome, row) = reconcile_and_read(&svc.db, obs, svc.clock.now(), stored)
@@ -363,6 +371,7 @@ fn answer_of(
         user_id: user_id.to_owned(),
         organization_id: organization_id.to_owned(),
         role: row.and_then(|r| r.role_slug.clone()),
+        roles: row.map(|r| r.role_slugs.clone()).unwrap_or_default(),
         status: row.map(|r| r.status.clone()),
         outcome: None,
         source,

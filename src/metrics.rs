@@ -85,6 +85,9 @@ pub struct Metrics {
     pub sync_cursor_resets: Counter,
     /// Catch-up passes that failed in a row (0 after one that did not).
     pub sync_consecutive_failures: Gauge,
+    pub refetch_queue_depth: Gauge,
+    pub refetch_queue_oldest_seconds: Gauge,
+    pub refetch_attempts: Family<OutcomeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -113,6 +116,9 @@ impl Metrics {
             sync_failed_passes: Counter::default(),
             sync_cursor_resets: Counter::default(),
             sync_consecutive_failures: Gauge::default(),
+            refetch_queue_depth: Gauge::default(),
+            refetch_queue_oldest_seconds: Gauge::default(),
+            refetch_attempts: Family::default(),
         };
         m.register();
         m
@@ -195,6 +201,21 @@ impl Metrics {
             "Events API catch-up passes that failed in a row",
             self.sync_consecutive_failures.clone(),
         );
+        r.register(
+            "rolesync_refetch_queue_depth",
+            "Memberships and organizations queued for a refetch from the WorkOS API",
+            self.refetch_queue_depth.clone(),
+        );
+        r.register(
+            "rolesync_refetch_queue_oldest_seconds",
+            "Age of the oldest queued refetch (0 when the queue is empty)",
+            self.refetch_queue_oldest_seconds.clone(),
+        );
+        r.register(
+            "rolesync_refetch_attempts",
+            "Refetch attempts by outcome: done, deferred (WorkOS not yet moved off a deleted role), failed",
+            self.refetch_attempts.clone(),
+        );
     }
 
     /// The exposition in Prometheus text format.
@@ -208,6 +229,15 @@ impl Metrics {
     /// Counts one value of a one-label family.
     pub fn outcome(&self, outcome: &str) {
         self.webhook_deliveries
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a refetch attempt by outcome.
+    pub fn refetch_attempt(&self, outcome: &str) {
+        self.refetch_attempts
             .get_or_create(&OutcomeLabel {
                 outcome: outcome.to_owned(),
             })

@@ -1,13 +1,16 @@
 //! The one idempotent reconcile: pure rules over (stored row, observation), and the transaction that applies them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use crate::db::store::QueuedRefetch;
 use crate::db::{BatchStore, Db, DbError, InboxRow, Key, Snapshot, WriteTx, Writes};
+use crate::domain::role_set;
 use crate::timestamp::Timestamp;
 
 pub use crate::domain::{
-    check_id, Applied, AuditEntry, HistoryMark, Membership, Observation, Outcome, Source, ACTIVE,
-    DELETED, MAX_ID_LEN, MAX_VERSION_AHEAD_MS,
+    check_id, Applied, AuditEntry, HistoryMark, Membership, Observation, Outcome, Refetch, Source,
+    ACTIVE, DELETED, MAX_ID_LEN, MAX_VERSION_AHEAD_MS,
 };
 
 /// The deletion a path infers when WorkOS no longer lists a membership (a login that finds none, a
@@ -29,6 +32,8 @@ pub fn inferred_deletion(
         user_id: user_id.to_owned(),
         membership_id: stored.map(|s| s.membership_id.clone()).unwrap_or_default(),
         role_slug: None,
+        role_slugs: Vec::new(),
+        roles_reported: true,
         status: DELETED.to_owned(),
         deleted: true,
         inferred: true,
@@ -54,6 +59,9 @@ pub struct Decision {
     pub outcome: Outcome,
     pub write: Option<Membership>,
     pub audit: Option<AuditEntry>,
+    /// The observation left its role set unsaid over a stored set of several roles
+    /// ([`reported_set`]): the membership is to be fetched again to learn it.
+    pub refetch: bool,
 }
 
 /// Whether the stored row is newer than the observation (rule 1). At the same version a stored
@@ -65,18 +73,37 @@ pub fn is_stale(stored: Option<&Membership>, obs: &Observation) -> bool {
     })
 }
 
+/// The roles an app knows (the `roles` table), as the rules ask about them.
+pub trait KnownRoles {
+    fn knows(&self, slug: &str) -> bool;
+}
+
+impl KnownRoles for std::collections::HashSet<String> {
+    fn knows(&self, slug: &str) -> bool {
+        self.contains(slug)
+    }
+}
+
 /// Applies the rules, in order: stale, removed, unknown_role, unchanged, applied.
-/// `role_known` says whether the observed slug is in `roles`; `history` is the audit trail as of the
-/// observation's version, read only for a stale observation.
+/// `known` holds the roles the app knows; `history` is the audit trail as of the observation's
+/// version, read only for a stale observation.
+///
+/// The unknown-role guard applies per slug of the observed role set: known slugs are applied, an
+/// unknown one is never stored as a role and makes the outcome `unknown_role` (so that `replay
+/// --stored --outcome unknown_role` finds it once the role is added). An unknown primary slug leaves
+/// the stored primary role, and the status rule of [`status_under_unknown_role`]; a set with no known
+/// slug leaves the stored set.
 pub fn decide(
     stored: Option<&Membership>,
     obs: &Observation,
-    role_known: bool,
+    known: &impl KnownRoles,
     history: Option<&HistoryMark>,
     now: Timestamp,
 ) -> Decision {
     let old_role = stored.and_then(|s| s.role_slug.clone());
     let old_status = stored.map(|s| s.status.clone());
+    let old_roles = stored.map(|s| s.role_slugs.clone());
+    let primary_known = obs.role_slug.as_deref().is_some_and(|s| known.knows(s));
     if let Some(s) = stored.filter(|_| is_stale(stored, obs)) {
         let detail = format!("stored version {} is newer than {}", s.version, obs.version);
         let audit = audit(
@@ -84,14 +111,16 @@ pub fn decide(
             now,
             Outcome::Stale,
             (old_role.clone(), old_role),
+            (old_roles.clone(), old_roles),
             (old_status.clone(), old_status),
             detail,
         );
-        let news = !history.is_some_and(|h| already_known(h, obs, role_known));
+        let news = !history.is_some_and(|h| already_known(h, obs, primary_known));
         return Decision {
             outcome: Outcome::Stale,
             write: None,
             audit: news.then_some(audit),
+            refetch: false,
         };
     }
     // WorkOS lists no membership where none is stored: nothing to remove, nothing to record.
@@ -100,8 +129,10 @@ pub fn decide(
             outcome: Outcome::Unchanged,
             write: None,
             audit: None,
+            refetch: false,
         };
     }
+    let (reported, refetch) = reported_set(stored, obs);
     let lowered;
     let obs = match below_live(stored, obs) {
         Some(version) => {
@@ -113,9 +144,15 @@ pub fn decide(
         }
         None => obs,
     };
-    let (new_role, new_status, outcome, detail) = if obs.inferred {
+    let refused: Vec<&str> = reported
+        .iter()
+        .map(String::as_str)
+        .filter(|s| !known.knows(s))
+        .collect();
+    let (new_role, new_roles, new_status, outcome, detail) = if obs.inferred {
         (
             None,
+            Vec::new(),
             DELETED.to_owned(),
             Outcome::Removed,
             "WorkOS no longer lists the membership".to_owned(),
@@ -123,25 +160,49 @@ pub fn decide(
     } else if obs.deleted {
         (
             None,
+            Vec::new(),
             DELETED.to_owned(),
             Outcome::Removed,
             "membership deleted in WorkOS".to_owned(),
         )
-    } else if !role_known {
-        let status = status_under_unknown_role(stored, obs);
-        let mut detail = format!(
-            "role {:?} is not a known role; kept {}",
-            obs.role_slug.as_deref().unwrap_or(""),
-            old_role.as_deref().unwrap_or("no role")
-        );
+    } else if !primary_known || !refused.is_empty() {
+        let accepted: Vec<String> = reported
+            .iter()
+            .filter(|s| known.knows(s))
+            .cloned()
+            .collect();
+        let (role, status) = match primary_known {
+            true => (obs.role_slug.clone(), obs.status.clone()),
+            false => (old_role.clone(), status_under_unknown_role(stored, obs)),
+        };
+        // A primary role kept under an unknown slug stays in the set: `role_slug` is always one
+        // of `roles`.
+        let roles = match accepted.is_empty() {
+            true => old_roles.clone().unwrap_or_default(),
+            false => role_set(role.as_deref(), accepted),
+        };
+        let mut detail = refusal(obs, &refused, primary_known, old_role.as_deref());
+        if primary_known || !roles_of_role(&roles, role.as_deref()) {
+            let change = describe_change(
+                (&old_role, &role),
+                (old_roles.as_deref(), &roles),
+                (&old_status, &status),
+            );
+            detail.push_str(&format!("; {change}"));
+        }
         if status != obs.status {
             detail.push_str(&format!(", kept status {status} (not {})", obs.status));
         }
-        (old_role.clone(), status, Outcome::UnknownRole, detail)
+        (role, roles, status, Outcome::UnknownRole, detail)
     } else {
-        let change = describe_change(&old_role, &old_status, &obs.role_slug, &obs.status);
+        let change = describe_change(
+            (&old_role, &obs.role_slug),
+            (old_roles.as_deref(), &reported),
+            (&old_status, &obs.status),
+        );
         (
             obs.role_slug.clone(),
+            reported.to_vec(),
             obs.status.clone(),
             Outcome::Applied,
             match directory_cause(old_status.as_deref(), obs) {
@@ -155,10 +216,17 @@ pub fn decide(
         user_id: obs.user_id.clone(),
         membership_id: obs.membership_id.clone(),
         role_slug: new_role.clone(),
-        // Absence reports no slug: the last one WorkOS reported stays on record.
+        // Absence reports no slug: the last ones WorkOS reported stay on record.
         workos_role_slug: match obs.inferred {
             true => stored.and_then(|s| s.workos_role_slug.clone()),
             false => obs.role_slug.clone(),
+        },
+        role_slugs: new_roles.clone(),
+        workos_role_slugs: match obs.inferred {
+            true => stored
+                .map(|s| s.workos_role_slugs.clone())
+                .unwrap_or_default(),
+            false => reported.to_vec(),
         },
         status: new_status.clone(),
         version: obs.version,
@@ -170,6 +238,7 @@ pub fn decide(
             outcome: Outcome::Unchanged,
             write,
             audit: None,
+            refetch,
         };
     }
     let audit = audit(
@@ -177,6 +246,7 @@ pub fn decide(
         now,
         outcome,
         (old_role, new_role),
+        (old_roles, Some(new_roles)),
         (old_status, Some(new_status)),
         detail,
     );
@@ -184,6 +254,30 @@ pub fn decide(
         outcome,
         write: Some(row),
         audit: Some(audit),
+        refetch,
+    }
+}
+
+/// The role set an observation reports, and whether it is to be confirmed by a refetch. A webhook or
+/// Events API payload without `roles` (which WorkOS may leave out even with multiple roles on)
+/// names only its primary role: over a stored set of more than its primary role, taking that as
+/// the set would take away roles WorkOS may still give. The stored set is kept, with the new
+/// primary role, and the membership is fetched again to learn its set.
+fn reported_set<'a>(
+    stored: Option<&Membership>,
+    obs: &'a Observation,
+) -> (Cow<'a, [String]>, bool) {
+    match stored {
+        Some(s)
+            if !obs.roles_reported
+                && !obs.deleted
+                && obs.event_id.is_some()
+                && !roles_of_role(&s.role_slugs, s.role_slug.as_deref()) =>
+        {
+            let set = role_set(obs.role_slug.as_deref(), s.role_slugs.iter().cloned());
+            (Cow::Owned(set), true)
+        }
+        _ => (Cow::Borrowed(&obs.role_slugs), false),
     }
 }
 
@@ -220,14 +314,18 @@ fn already_known(history: &HistoryMark, obs: &Observation, role_known: bool) -> 
 /// which makes the observation `unchanged`.
 fn is_repeat(stored: &Membership, row: &Membership, outcome: Outcome) -> bool {
     stored.role_slug == row.role_slug
+        && stored.role_slugs == row.role_slugs
         && stored.status == row.status
-        && (outcome != Outcome::UnknownRole || stored.workos_role_slug == row.workos_role_slug)
+        && (outcome != Outcome::UnknownRole
+            || (stored.workos_role_slug == row.workos_role_slug
+                && stored.workos_role_slugs == row.workos_role_slugs))
 }
 
 /// Whether an unchanged observation still moves the row on (a newer version, a new reported slug).
 fn says_more(stored: &Membership, row: &Membership) -> bool {
     stored.version < row.version
         || stored.workos_role_slug != row.workos_role_slug
+        || stored.workos_role_slugs != row.workos_role_slugs
         || stored.membership_id != row.membership_id
 }
 
@@ -245,29 +343,70 @@ fn directory_cause(old_status: Option<&str>, obs: &Observation) -> Option<&'stat
     }
 }
 
+/// The start of an `unknown_role` detail: which slugs were refused and what was kept.
+fn refusal(obs: &Observation, refused: &[&str], primary_known: bool, kept: Option<&str>) -> String {
+    let primary = obs.role_slug.as_deref().unwrap_or("");
+    if !primary_known && refused.iter().all(|s| *s == primary) {
+        return format!(
+            "role {primary:?} is not a known role; kept {}",
+            kept.unwrap_or("no role")
+        );
+    }
+    let names: Vec<String> = refused.iter().map(|s| format!("{s:?}")).collect();
+    let mut detail = match names.len() {
+        1 => format!("role {} is not a known role", names[0]),
+        _ => format!("roles {} are not known roles", names.join(", ")),
+    };
+    if !primary_known {
+        detail.push_str(&format!("; kept {}", kept.unwrap_or("no role")));
+    }
+    detail
+}
+
+/// Whether a role set is just its primary role (what a single-role environment reports).
+fn roles_of_role(roles: &[String], role: Option<&str>) -> bool {
+    match role {
+        Some(role) => roles.len() == 1 && roles[0] == role,
+        None => roles.is_empty(),
+    }
+}
+
+/// `role a -> b, status x -> y`, with `, roles [..] -> [..]` when either set holds more than its
+/// primary role (so that single-role environments read as before).
 fn describe_change(
-    old_role: &Option<String>,
-    old_status: &Option<String>,
-    new_role: &Option<String>,
-    new_status: &str,
+    (old_role, new_role): (&Option<String>, &Option<String>),
+    (old_roles, new_roles): (Option<&[String]>, &[String]),
+    (old_status, new_status): (&Option<String>, &str),
 ) -> String {
     let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".to_owned());
-    format!(
+    let mut change = format!(
         "role {} -> {}, status {} -> {}",
         show(old_role),
         show(new_role),
         show(old_status),
         new_status
-    )
+    );
+    let plain = old_roles.is_none_or(|old| roles_of_role(old, old_role.as_deref()))
+        && roles_of_role(new_roles, new_role.as_deref());
+    if !plain {
+        change.push_str(&format!(
+            ", roles [{}] -> [{}]",
+            old_roles.unwrap_or_default().join(", "),
+            new_roles.join(", ")
+        ));
+    }
+    change
 }
 
 type Pair = (Option<String>, Option<String>);
+type Sets = (Option<Vec<String>>, Option<Vec<String>>);
 
 fn audit(
     obs: &Observation,
     now: Timestamp,
     outcome: Outcome,
     role: Pair,
+    roles: Sets,
     status: Pair,
     detail: String,
 ) -> AuditEntry {
@@ -281,6 +420,8 @@ fn audit(
         workos_role_slug: obs.role_slug.clone(),
         old_role: role.0,
         new_role: role.1,
+        old_roles: roles.0,
+        new_roles: roles.1,
         old_status: status.0,
         new_status: status.1,
         outcome,
@@ -308,7 +449,7 @@ pub async fn reconcile_and_read(
     db: &Db,
     obs: &Observation,
     now: Timestamp,
-    earlier: Option<&(Membership, bool)>,
+    earlier: Option<&(Membership, HashSet<String>)>,
 ) -> Result<(Outcome, Option<Membership>), DbError> {
     if let Some((stored, _)) = earlier.filter(|e| writes_nothing(e, obs, now)) {
         return Ok((Outcome::Unchanged, Some(stored.clone())));
@@ -330,14 +471,14 @@ pub async fn reconcile_and_read(
 /// observed slug to be the one WorkOS last reported (otherwise the row would move on), so the
 /// known-ness read with the row is the observed slug's.
 fn writes_nothing(
-    (stored, reported_known): &(Membership, bool),
+    (stored, reported_known): &(Membership, HashSet<String>),
     obs: &Observation,
     now: Timestamp,
 ) -> bool {
-    if obs.role_slug != stored.workos_role_slug {
+    if obs.role_slug != stored.workos_role_slug || obs.role_slugs != stored.workos_role_slugs {
         return false;
     }
-    let decision = decide(Some(stored), obs, *reported_known, None, now);
+    let decision = decide(Some(stored), obs, reported_known, None, now);
     decision.outcome == Outcome::Unchanged && decision.write.is_none()
 }
 
@@ -380,7 +521,9 @@ pub enum Item<'a> {
         event_type: &'a str,
         payload: &'a str,
         observation: Option<&'a Observation>,
-        /// How the inbox takes it when there is no observation (ignored or invalid).
+        /// What it asks to fetch again from the WorkOS API (queued with the delivery).
+        refetch: Option<&'a Refetch>,
+        /// How the inbox takes it when there is no observation (ignored, invalid, refetch_queued).
         settled: Applied,
     },
 }
@@ -464,13 +607,43 @@ pub async fn apply<S: BatchStore>(
     // Events of no membership take no lock above, so two replicas can hold the same ids; inserted in
     // one order (by id), the second waits for the first instead of deadlocking with it.
     rows.sort_unstable_by_key(|r| r.event_id);
-    let inserted = store.write(&plan.writes(), &rows, now).await?;
+    let refetches: Vec<QueuedRefetch> = fresh
+        .iter()
+        .filter_map(|&i| match items[i] {
+            Item::Delivered {
+                event_id,
+                event_type,
+                refetch: Some(refetch),
+                ..
+            } => Some(QueuedRefetch {
+                refetch,
+                event_id,
+                reason: event_type,
+            }),
+            _ => None,
+        })
+        .collect();
+    let mut writes = plan.writes();
+    writes.refetches = refetches;
+    writes.refetches.extend(
+        plan.refetches
+            .iter()
+            .map(|(refetch, event_id)| QueuedRefetch {
+                refetch,
+                event_id,
+                reason: ROLES_ABSENT,
+            }),
+    );
+    let inserted = store.write(&writes, &rows, now).await?;
     if inserted != rows.len() as u64 {
         // Another transaction (another replica) stored one of these ids since the read above.
         return Err(DbError::Conflict);
     }
     Ok(answers)
 }
+
+/// The `refetch_queue.reason` of a membership event that left its role set unsaid.
+pub const ROLES_ABSENT: &str = "roles_absent";
 
 /// Indexes of every observation and of the first delivery of each event id, in order.
 fn first_occurrences(items: &[Item<'_>]) -> Vec<usize> {
@@ -494,6 +667,10 @@ pub struct Plan {
     pub outcomes: Vec<Outcome>,
     /// The last row decided for each membership written.
     pub memberships: BTreeMap<Key, Membership>,
+    /// The memberships whose role set the batch changed (from what was stored before it).
+    pub role_sets: BTreeSet<Key>,
+    /// Memberships to fetch again ([`Decision::refetch`]), with the event that left the set unsaid.
+    pub refetches: Vec<(Refetch, String)>,
     /// Audit rows, in order.
     pub audits: Vec<AuditEntry>,
 }
@@ -503,7 +680,14 @@ impl Plan {
     pub fn writes(&self) -> Writes<'_> {
         Writes {
             memberships: self.memberships.values().collect(),
+            role_sets: self
+                .memberships
+                .iter()
+                .filter(|(key, _)| self.role_sets.contains(*key))
+                .map(|(_, row)| row)
+                .collect(),
             audits: &self.audits,
+            refetches: Vec::new(),
         }
     }
 }
@@ -518,6 +702,8 @@ pub async fn plan_with<S: BatchStore>(
     now: Timestamp,
 ) -> Result<Plan, DbError> {
     let (mut rows, known) = (snapshot.memberships, snapshot.roles);
+    // The role set each written membership had before the batch.
+    let mut before: HashMap<Key, Vec<String>> = HashMap::new();
     let trails = stored_trails(store, &rows, observations).await?;
     let mut plan = Plan {
         outcomes: Vec::with_capacity(observations.len()),
@@ -530,14 +716,25 @@ pub async fn plan_with<S: BatchStore>(
             true => history_as_of(store, &trails, &plan.audits, obs).await?,
             false => None,
         };
-        let role_known = obs.role_slug.as_ref().is_some_and(|s| known.contains(s));
-        let decision = decide(stored, obs, role_known, history.as_ref(), now);
+        let decision = decide(stored, obs, &known, history.as_ref(), now);
         if let Some(row) = decision.write {
+            let had = before
+                .entry(key.clone())
+                .or_insert_with(|| stored.map(|s| s.role_slugs.clone()).unwrap_or_default());
+            if *had != row.role_slugs {
+                plan.role_sets.insert(key.clone());
+            } else {
+                plan.role_sets.remove(&key);
+            }
             rows.insert(key.clone(), row.clone());
             plan.memberships.insert(key, row);
         }
         plan.audits.extend(decision.audit);
         plan.outcomes.push(decision.outcome);
+        if let (true, Some(event_id)) = (decision.refetch, &obs.event_id) {
+            let refetch = Refetch::Membership(obs.membership_id.clone());
+            plan.refetches.push((refetch, event_id.clone()));
+        }
     }
     Ok(plan)
 }

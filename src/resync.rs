@@ -39,6 +39,22 @@ pub async fn list_organization(
 /// 100,000 memberships: more pages than that is a runaway cursor.
 const MAX_PAGES: usize = 1000;
 
+/// Who asks for a resync: the path (`resync`, or `refetch` for a directory event) and the event
+/// that asked, recorded in the audit rows.
+#[derive(Debug, Clone, Copy)]
+pub struct Cause<'a> {
+    pub source: Source,
+    pub event_id: Option<&'a str>,
+}
+
+impl Cause<'_> {
+    /// An operator's `rolesync resync`.
+    pub const OPERATOR: Cause<'static> = Cause {
+        source: Source::Resync,
+        event_id: None,
+    };
+}
+
 /// The observations a resync makes: each WorkOS membership, and an inferred deletion
 /// ([`inferred_deletion`]) for each stored, not yet deleted membership that WorkOS no longer lists.
 pub fn observations(
@@ -46,11 +62,21 @@ pub fn observations(
     stored: &[Membership],
     now: Timestamp,
 ) -> anyhow::Result<Vec<Observation>> {
+    observations_for(found, stored, Cause::OPERATOR, now)
+}
+
+/// [`observations`] for a cause.
+fn observations_for(
+    found: &[ApiMembership],
+    stored: &[Membership],
+    cause: Cause<'_>,
+    now: Timestamp,
+) -> anyhow::Result<Vec<Observation>> {
     // A membership WorkOS lists with a value rolesync refuses is skipped, not the whole
     // organization; it still counts as listed, so it is never taken for a deletion.
     let mut out: Vec<Observation> = found
         .iter()
-        .filter_map(|m| match m.observation(Source::Resync, now) {
+        .filter_map(|m| match m.observation(cause.source, now) {
             Ok(obs) => Some(obs),
             Err(e) => {
                 tracing::warn!(membership_id = %m.id, error = %e, "skipping a membership rolesync cannot store");
@@ -70,8 +96,11 @@ pub fn observations(
             &gone.organization_id,
             &gone.user_id,
             Some(gone),
-            Source::Resync,
+            cause.source,
         ));
+    }
+    for obs in &mut out {
+        obs.event_id = cause.event_id.map(str::to_owned);
     }
     Ok(out)
 }
@@ -82,6 +111,18 @@ pub async fn resync(
     workos: &WorkosClient,
     organization_id: &str,
     dry_run: bool,
+    now: Timestamp,
+) -> anyhow::Result<Vec<Change>> {
+    resync_for(db, workos, organization_id, dry_run, Cause::OPERATOR, now).await
+}
+
+/// [`resync`] for a cause.
+pub async fn resync_for(
+    db: &Db,
+    workos: &WorkosClient,
+    organization_id: &str,
+    dry_run: bool,
+    cause: Cause<'_>,
     now: Timestamp,
 ) -> anyhow::Result<Vec<Change>> {
     // Stored rows first: only a membership stored before the listing began can be missing from it.
@@ -98,7 +139,7 @@ pub async fn resync(
         );
     }
     let found = list_organization(workos, organization_id).await?;
-    let observed = observations(&found, &stored, now)?;
+    let observed = observations_for(&found, &stored, cause, now)?;
     let by_key: HashMap<Key, Membership> = stored
         .into_iter()
         .map(|m| ((m.organization_id.clone(), m.user_id.clone()), m))
@@ -131,8 +172,7 @@ async fn preview(
         .iter()
         .map(|o| {
             let row = stored.get(&(o.organization_id.clone(), o.user_id.clone()));
-            let role_known = o.role_slug.as_ref().is_some_and(|s| known.contains(s));
-            decide(row, o, role_known, None, now).outcome
+            decide(row, o, &known, None, now).outcome
         })
         .collect())
 }

@@ -15,9 +15,11 @@ use crate::metrics::{Metrics, PathOutcomeLabels};
 use crate::timestamp::{SharedClock, Timestamp};
 use crate::workos::{ApiList, WorkosClient, WorkosError};
 
-/// The event types the catch-up follows.
-pub const EVENTS: &str =
-    "organization_membership.created,organization_membership.updated,organization_membership.deleted";
+/// The event types the catch-up follows: membership events, and those that change roles without
+/// carrying them ([`crate::ingest::event::REFETCH_EVENTS`]), which queue a refetch.
+pub const EVENTS: &str = "organization_membership.created,organization_membership.updated,organization_membership.deleted,\
+     group.member_added,group.member_removed,role.deleted,organization_role.deleted,organization_role.updated,\
+     dsync.user.updated,dsync.group.user_added,dsync.group.user_removed";
 /// The `sync_state` row of this stream.
 pub const STREAM: &str = "events";
 const PAGE_SIZE: usize = 100;

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use std::sync::Arc;
 
 use crate::config::Secret;
-use crate::domain::{Observation, Source};
+use crate::domain::{reported_roles, Observation, Source};
 use crate::metrics::Metrics;
 use crate::timestamp::Timestamp;
 
@@ -79,6 +79,9 @@ pub struct ApiMembership {
     pub status: Option<String>,
     #[serde(default)]
     pub role: Option<ApiRole>,
+    /// Every role of the membership (multiple roles); absent or null when WorkOS sends none.
+    #[serde(default)]
+    pub roles: Option<Vec<ApiRole>>,
     pub updated_at: String,
     /// Only `true` marks the membership directory-managed; any other value is no reason to
     /// refuse the answer.
@@ -113,11 +116,20 @@ impl ApiMembership {
     pub fn observation(&self, source: Source, now: Timestamp) -> Result<Observation, WorkosError> {
         let version = Timestamp::parse(&self.updated_at)
             .map_err(|e| WorkosError::Malformed(e.to_string()))?;
+        let roles = self
+            .roles
+            .as_ref()
+            .map(|roles| roles.iter().map(|r| r.slug.clone()).collect());
+        let primary = self.role.as_ref().and_then(|r| r.slug.as_deref());
+        let (role_slugs, roles_reported) = reported_roles(primary, roles)
+            .map_err(|why| WorkosError::Malformed(format!("membership {}: {why}", self.id)))?;
         let observation = Observation {
             organization_id: self.organization_id.clone(),
             user_id: self.user_id.clone(),
             membership_id: self.id.clone(),
             role_slug: self.role.as_ref().and_then(|r| r.slug.clone()),
+            role_slugs,
+            roles_reported,
             status: self.status.clone().unwrap_or_else(|| "unknown".into()),
             deleted: false,
             inferred: false,
@@ -183,6 +195,23 @@ impl WorkosClient {
             })
             .await?;
         Ok(listed.into_iter().find(wanted))
+    }
+
+    /// One membership by id (`GET /user_management/organization_memberships/{id}`); `None` on 404.
+    pub async fn get_membership(
+        &self,
+        membership_id: &str,
+        deadline: Instant,
+    ) -> Result<Option<ApiMembership>, WorkosError> {
+        let path = format!(
+            "/user_management/organization_memberships/{}",
+            path_segment(membership_id)
+        );
+        match self.get_json::<ApiMembership>(&path, &[], deadline).await {
+            Ok(membership) => Ok(Some(membership)),
+            Err(WorkosError::Status(404)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Whether this environment knows the organization (`GET /organizations/{id}`: 404 is no).

@@ -127,3 +127,13 @@ impl<T: Into<Value>> From<Option<T>> for Value {
         v.map_or(Self::Null, Into::into)
     }
 }
+
+/// A role set as stored (`memberships.role_slugs`, `role_audit.old_roles`, ...): a JSON array of slugs.
+pub(super) fn slugs_text(slugs: &[String]) -> String {
+    serde_json::to_string(slugs).expect("a list of strings serializes")
+}
+
+/// A stored role set column, read back (a decode error when it is not one).
+pub(super) fn decode_slugs(text: &str) -> Result<Vec<String>, serde_json::Error> {
+    serde_json::from_str(text)
+}

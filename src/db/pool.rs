@@ -2,7 +2,7 @@
 //! turn, the health checks readiness reads), [`WriteTx`] and the group-commit [`Committer`]. Each
 //! call goes to the backend's module ([`super::sqlite`] or [`super::postgres`]), which holds its SQL.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -14,6 +14,7 @@ use sqlx::{Connection, PgConnection, Postgres};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::base::{Backend, DbError, Key, Value};
+use super::refetch::Queued;
 use super::sqlite::conn::{self as sqlite_conn, Checkpointer, Pooled, Target};
 use super::store::{
     AuditRow, BatchStore, InboxRow, Snapshot, StoredEvent, StoredFilter, TrailPoint, Writes,
@@ -552,13 +553,13 @@ impl Db {
             .map(|(m, _)| m))
     }
 
-    /// The stored row of one membership, and whether the slug WorkOS last reported for it
-    /// (`workos_role_slug`) is a known role (false for none).
+    /// The stored row of one membership, and which slugs of the set WorkOS last reported for it
+    /// (`workos_role_slugs`, `workos_role_slug`) are known roles.
     pub async fn membership_with_role(
         &self,
         organization_id: &str,
         user_id: &str,
-    ) -> Result<Option<(Membership, bool)>, DbError> {
+    ) -> Result<Option<(Membership, HashSet<String>)>, DbError> {
         let (org, user) = (organization_id.to_owned(), user_id.to_owned());
         match self
             .sqlite_or(move |c| sqlite::membership_with_role(c, &org, &user))
@@ -566,6 +567,106 @@ impl Db {
         {
             Ok(done) => done,
             Err(pool) => postgres::membership_with_role(pool, organization_id, user_id).await,
+        }
+    }
+
+    /// The stored row holding a WorkOS membership id, if any.
+    pub async fn membership_by_id(
+        &self,
+        membership_id: &str,
+    ) -> Result<Option<Membership>, DbError> {
+        let id = membership_id.to_owned();
+        match self
+            .sqlite_or(move |c| sqlite::membership_by_id(c, &id))
+            .await
+        {
+            Ok(done) => done,
+            Err(pool) => postgres::membership_by_id(pool, membership_id).await,
+        }
+    }
+
+    /// The roles `membership_roles` holds for a membership, sorted.
+    pub async fn roles_of(
+        &self,
+        organization_id: &str,
+        user_id: &str,
+    ) -> Result<Vec<String>, DbError> {
+        let (org, user) = (organization_id.to_owned(), user_id.to_owned());
+        match self
+            .sqlite_or(move |c| sqlite::roles_of(c, &org, &user))
+            .await
+        {
+            Ok(done) => done,
+            Err(pool) => postgres::roles_of(pool, organization_id, user_id).await,
+        }
+    }
+
+    // ---- the refetch queue (its worker: [`crate::refetch`]) ----
+
+    /// Up to `limit` queued refetches due at `now_ms`, oldest due first.
+    pub async fn refetch_due(&self, now_ms: i64, limit: i64) -> Result<Vec<Queued>, DbError> {
+        match self
+            .sqlite_or(move |c| sqlite::refetch_due(c, now_ms, limit))
+            .await
+        {
+            Ok(done) => done,
+            Err(pool) => postgres::refetch_due(pool, now_ms, limit).await,
+        }
+    }
+
+    /// Takes a due row until `until_ms` (another worker or replica leaves it alone); false when
+    /// another took it first.
+    pub async fn refetch_claim(
+        &self,
+        target: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<bool, DbError> {
+        let owned = target.to_owned();
+        match self
+            .sqlite_or(move |c| sqlite::refetch_claim(c, &owned, now_ms, until_ms))
+            .await
+        {
+            Ok(done) => done,
+            Err(pool) => postgres::refetch_claim(pool, target, now_ms, until_ms).await,
+        }
+    }
+
+    /// Ends a refetch: removes the row, unless it was signalled again since it was read, in which
+    /// case it is due again at `now_ms` (the fetch may have read the state before that signal's change).
+    pub async fn refetch_finish(&self, done: &Queued, now_ms: i64) -> Result<(), DbError> {
+        let owned = done.clone();
+        match self
+            .sqlite_or(move |c| sqlite::refetch_finish(c, &owned, now_ms))
+            .await
+        {
+            Ok(done) => done,
+            Err(pool) => postgres::refetch_finish(pool, done, now_ms).await,
+        }
+    }
+
+    /// Schedules another attempt at `next_ms`, recording why this one did not finish.
+    pub async fn refetch_retry(
+        &self,
+        failed: &Queued,
+        next_ms: i64,
+        error: &str,
+    ) -> Result<(), DbError> {
+        let (owned, why) = (failed.clone(), error.to_owned());
+        match self
+            .sqlite_or(move |c| sqlite::refetch_retry(c, &owned, next_ms, &why))
+            .await
+        {
+            Ok(done) => done,
+            Err(pool) => postgres::refetch_retry(pool, failed, next_ms, error).await,
+        }
+    }
+
+    /// How many refetches are queued, and when the oldest was (Unix ms).
+    pub async fn refetch_depth(&self) -> Result<(i64, Option<i64>), DbError> {
+        match self.sqlite_or(sqlite::refetch_depth).await {
+            Ok(done) => done,
+            Err(pool) => postgres::refetch_depth(pool).await,
         }
     }
 

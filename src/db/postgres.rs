@@ -3,16 +3,18 @@
 //! A batch's statements have one fixed text each, their rows bound as arrays (`unnest`), so that
 //! each is prepared once per connection ([`Store`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{Executor, PgConnection, Postgres, Row, TypeInfo, ValueRef};
 use time::OffsetDateTime;
 
-use super::base::{lock_names, DbError, Key, Value};
+use super::base::{decode_slugs, lock_names, slugs_text, DbError, Key, Value};
+use super::refetch::{self, Queued};
 use super::store::{
-    AuditRow, BatchStore, InboxRow, Snapshot, StoredEvent, StoredFilter, TrailPoint, Writes,
+    AuditRow, BatchStore, InboxRow, QueuedRefetch, RoleSet, Snapshot, StoredEvent, StoredFilter,
+    TrailPoint, Writes,
 };
 use crate::domain::{HistoryMark, Membership};
 use crate::timestamp::Timestamp;
@@ -69,9 +71,29 @@ pub(super) async fn custom_plans(conn: &mut PgConnection) -> Result<(), DbError>
 // ---- memberships ----
 
 const MEMBERSHIP_COLUMNS: &str = "organization_id, user_id, membership_id, role_slug, \
-     workos_role_slug, status, version, updated_at";
+     workos_role_slug, status, version, updated_at, role_slugs, workos_role_slugs";
 
-/// A membership from columns `first..first + 8` of a row.
+/// A role set column (a JSON array of slugs) read back.
+fn slugs_at(row: &PgRow, column: usize) -> Result<Vec<String>, DbError> {
+    let text: String = row.try_get(column)?;
+    decode_slugs(&text).map_err(|e| decode_error(column, e))
+}
+
+/// An audit row's role set (NULL: none recorded).
+fn slugs_or_null_at(row: &PgRow, column: usize) -> Result<Option<Vec<String>>, DbError> {
+    let text: Option<String> = row.try_get(column)?;
+    text.map(|t| decode_slugs(&t).map_err(|e| decode_error(column, e)))
+        .transpose()
+}
+
+fn decode_error(column: usize, e: serde_json::Error) -> DbError {
+    DbError::Sqlx(sqlx::Error::ColumnDecode {
+        index: column.to_string(),
+        source: e.into(),
+    })
+}
+
+/// A membership from columns `first..first + 10` of a row.
 fn membership(row: &PgRow, first: usize) -> Result<Membership, DbError> {
     Ok(Membership {
         organization_id: row.try_get(first)?,
@@ -82,31 +104,67 @@ fn membership(row: &PgRow, first: usize) -> Result<Membership, DbError> {
         status: row.try_get(first + 5)?,
         version: timestamp_at(row, first + 6)?,
         updated_at: timestamp_at(row, first + 7)?,
+        role_slugs: slugs_at(row, first + 8)?,
+        workos_role_slugs: slugs_at(row, first + 9)?,
     })
 }
 
 static MEMBERSHIP_WITH_ROLE: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT {MEMBERSHIP_COLUMNS}, \
-         EXISTS (SELECT 1 FROM roles WHERE slug = memberships.workos_role_slug) \
+         ARRAY(SELECT slug FROM roles WHERE slug = memberships.workos_role_slug \
+         OR slug IN (SELECT json_array_elements_text(memberships.workos_role_slugs::json))) \
          FROM memberships WHERE organization_id = $1 AND user_id = $2"
     )
 });
 
-/// The stored row of one membership, and whether the slug WorkOS last reported for it is a known
-/// role (false for none).
+/// The stored row of one membership, and which slugs of the set WorkOS last reported for it
+/// (`workos_role_slugs`, `workos_role_slug`) are known roles: the row's last column lists them.
 pub(super) async fn membership_with_role<'c>(
     conn: impl Executor<'c, Database = Postgres>,
     organization_id: &str,
     user_id: &str,
-) -> Result<Option<(Membership, bool)>, DbError> {
+) -> Result<Option<(Membership, HashSet<String>)>, DbError> {
     let row = sqlx::query(&MEMBERSHIP_WITH_ROLE)
         .bind(organization_id)
         .bind(user_id)
         .fetch_optional(conn)
         .await?;
-    row.map(|row| Ok((membership(&row, 0)?, row.try_get(8)?)))
-        .transpose()
+    row.map(|row| {
+        let known: Vec<String> = row.try_get(10)?;
+        Ok((membership(&row, 0)?, known.into_iter().collect()))
+    })
+    .transpose()
+}
+
+/// The stored row holding a WorkOS membership id, if any.
+pub(super) async fn membership_by_id(
+    pool: &PgPool,
+    membership_id: &str,
+) -> Result<Option<Membership>, DbError> {
+    let sql =
+        format!("SELECT {MEMBERSHIP_COLUMNS} FROM memberships WHERE membership_id = $1 LIMIT 1");
+    let row = sqlx::query(&sql)
+        .bind(membership_id)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|row| membership(&row, 0)).transpose()
+}
+
+/// The roles `membership_roles` holds for a membership, sorted.
+pub(super) async fn roles_of(
+    pool: &PgPool,
+    organization_id: &str,
+    user_id: &str,
+) -> Result<Vec<String>, DbError> {
+    Ok(sqlx::query_scalar(
+        "SELECT role_slug FROM membership_roles WHERE organization_id = $1 AND user_id = $2 \
+         ORDER BY role_slug",
+    )
+    .bind(organization_id)
+    .bind(user_id)
+    .fetch_all(pool)
+    .await?)
 }
 
 /// Every stored row (of one organization), ordered by organization then user.
@@ -145,8 +203,8 @@ pub(super) async fn audit(
 ) -> Result<Vec<AuditRow>, DbError> {
     let rows = sqlx::query(
         "SELECT id, recorded_at, organization_id, user_id, membership_id, source, event_id, \
-         workos_role_slug, old_role, new_role, old_status, new_status, outcome, detail, version \
-         FROM role_audit WHERE ($1::text IS NULL OR organization_id = $1) \
+         workos_role_slug, old_role, new_role, old_status, new_status, outcome, detail, version, \
+         old_roles, new_roles FROM role_audit WHERE ($1::text IS NULL OR organization_id = $1) \
          AND ($2::text IS NULL OR user_id = $2) ORDER BY id DESC LIMIT $3",
     )
     .bind(organization_id)
@@ -172,6 +230,8 @@ pub(super) async fn audit(
                 outcome: row.try_get(12)?,
                 detail: row.try_get(13)?,
                 version: timestamp_at(row, 14)?.to_string(),
+                old_roles: RoleSet(slugs_or_null_at(row, 15)?),
+                new_roles: RoleSet(slugs_or_null_at(row, 16)?),
             })
         })
         .collect()
@@ -459,20 +519,27 @@ fn first_schema(search_path: &str) -> Option<String> {
 
 /// Runs one statement with `$n` parameters; every row, each column as a [`Value`] (a time as
 /// rolesync renders it).
+/// Binds `params` to `$1`, `$2`, ...
+fn bind<'q>(
+    mut query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    params: &'q [Value],
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    for param in params {
+        query = match param {
+            Value::Null => query.bind(None::<String>),
+            Value::Int(n) => query.bind(*n),
+            Value::Text(s) => query.bind(s.as_str()),
+        };
+    }
+    query
+}
+
 pub(super) async fn rows(
     pool: &PgPool,
     sql: &str,
     params: &[Value],
 ) -> Result<Vec<Vec<Value>>, DbError> {
-    let mut query = sqlx::query(sql);
-    for param in params {
-        query = match param {
-            Value::Null => query.bind(None::<String>),
-            Value::Int(n) => query.bind(*n),
-            Value::Text(s) => query.bind(s.clone()),
-        };
-    }
-    let rows = query.fetch_all(pool).await?;
+    let rows = bind(sqlx::query(sql), params).fetch_all(pool).await?;
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
         let mut values = Vec::with_capacity(row.len());
@@ -498,40 +565,148 @@ pub(super) async fn rows(
     Ok(out)
 }
 
+// ---- refetch_queue ----
+
+/// Queues refetches (rare: group, role and directory events), one statement each, in the batch's
+/// transaction.
+async fn enqueue(
+    conn: &mut PgConnection,
+    refetches: &[QueuedRefetch<'_>],
+    now_ms: i64,
+) -> Result<(), DbError> {
+    for queued in refetches {
+        let (sql, params) = refetch::statement(queued, now_ms);
+        bind(sqlx::query(sql), &params).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+pub(super) async fn refetch_due(
+    pool: &PgPool,
+    now_ms: i64,
+    limit: i64,
+) -> Result<Vec<Queued>, DbError> {
+    let rows = sqlx::query(refetch::DUE)
+        .bind(now_ms)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(Queued {
+                target: row.try_get(0)?,
+                organization_id: row.try_get(1)?,
+                event_id: row.try_get(2)?,
+                reason: row.try_get(3)?,
+                gone_role: row.try_get(4)?,
+                signals: row.try_get(5)?,
+                attempts: row.try_get(6)?,
+            })
+        })
+        .collect()
+}
+
+pub(super) async fn refetch_claim(
+    pool: &PgPool,
+    target: &str,
+    now_ms: i64,
+    until_ms: i64,
+) -> Result<bool, DbError> {
+    let done = sqlx::query(refetch::CLAIM)
+        .bind(until_ms)
+        .bind(target)
+        .bind(now_ms)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub(super) async fn refetch_finish(
+    pool: &PgPool,
+    done: &Queued,
+    now_ms: i64,
+) -> Result<(), DbError> {
+    let removed = sqlx::query(refetch::FINISH)
+        .bind(&done.target)
+        .bind(done.signals)
+        .execute(pool)
+        .await?;
+    if removed.rows_affected() == 0 {
+        sqlx::query(refetch::AGAIN)
+            .bind(now_ms)
+            .bind(&done.target)
+            .execute(pool)
+            .await?;
+    }
+    Ok(())
+}
+
+pub(super) async fn refetch_retry(
+    pool: &PgPool,
+    failed: &Queued,
+    next_ms: i64,
+    error: &str,
+) -> Result<(), DbError> {
+    sqlx::query(refetch::RETRY)
+        .bind(failed.attempts + 1)
+        .bind(next_ms)
+        .bind(error)
+        .bind(&failed.target)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn refetch_depth(pool: &PgPool) -> Result<(i64, Option<i64>), DbError> {
+    Ok(sqlx::query_as(refetch::DEPTH).fetch_one(pool).await?)
+}
+
 // ---- the batch interface ----
 
 /// The one read statement of a batch: event ids ($1), membership keys ($2, $3).
 const READ: &str =
     "SELECT 'm' AS kind, m.organization_id, m.user_id, m.membership_id, m.role_slug, \
-         m.workos_role_slug, m.status, m.version, m.updated_at \
+         m.workos_role_slug, m.status, m.version, m.updated_at, m.role_slugs, m.workos_role_slugs \
          FROM unnest($2::text[], $3::text[]) AS k(org, usr) \
          JOIN memberships m ON m.organization_id = k.org AND m.user_id = k.usr \
-         UNION ALL SELECT 'e', event_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL \
+         UNION ALL SELECT 'e', event_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL \
          FROM webhook_events WHERE event_id = ANY($1::text[]) \
-         UNION ALL SELECT 'r', slug, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM roles";
+         UNION ALL SELECT 'r', slug, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM roles";
 
-/// The one write statement of a batch: memberships ($1-$8), audit rows ($9-$22, inserted in array
-/// order so that ids ascend in slice order), deliveries ($23-$26, inserted in array order, which the
-/// caller sorts by event id) received at $27.
+/// The one write statement of a batch: memberships ($1-$8 and their role sets $28, $29), audit rows
+/// ($9-$22 and their role sets $30, $31, inserted in array order so that ids ascend in slice order),
+/// deliveries ($23-$26, inserted in array order, which the caller sorts by event id) received at
+/// $27, and the role sets that changed: their memberships ($32, $33) and every (organization, user,
+/// slug) they now hold ($34-$36). The delete and the insert of `membership_roles` touch disjoint
+/// rows (data-modifying CTEs see one snapshot, in no set order).
 static WRITE: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH m AS (INSERT INTO memberships ({MEMBERSHIP_COLUMNS}) \
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
-         $7::timestamptz[], $8::timestamptz[]) \
+         $7::timestamptz[], $8::timestamptz[], $28::text[], $29::text[]) \
          ON CONFLICT (organization_id, user_id) DO UPDATE SET membership_id = excluded.membership_id, \
          role_slug = excluded.role_slug, workos_role_slug = excluded.workos_role_slug, \
-         status = excluded.status, version = excluded.version, updated_at = excluded.updated_at \
+         status = excluded.status, version = excluded.version, updated_at = excluded.updated_at, \
+         role_slugs = excluded.role_slugs, workos_role_slugs = excluded.workos_role_slugs \
          RETURNING 1), \
          a AS (INSERT INTO role_audit (recorded_at, organization_id, user_id, membership_id, source, \
-         event_id, workos_role_slug, old_role, new_role, old_status, new_status, outcome, detail, version) \
-         SELECT c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14 \
+         event_id, workos_role_slug, old_role, new_role, old_status, new_status, outcome, detail, version, \
+         old_roles, new_roles) \
+         SELECT c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, c16 \
          FROM unnest($9::timestamptz[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], \
          $15::text[], $16::text[], $17::text[], $18::text[], $19::text[], $20::text[], $21::text[], \
-         $22::timestamptz[]) WITH ORDINALITY AS r(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, n) \
+         $22::timestamptz[], $30::text[], $31::text[]) \
+         WITH ORDINALITY AS r(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, c16, n) \
          ORDER BY n RETURNING 1), \
          e AS (INSERT INTO webhook_events (event_id, event_type, payload, outcome, received_at) \
          SELECT r.e, r.t, r.p, r.o, $27 FROM unnest($23::text[], $24::text[], $25::text[], $26::text[]) \
-         WITH ORDINALITY AS r(e, t, p, o, n) ORDER BY n ON CONFLICT (event_id) DO NOTHING RETURNING 1) \
+         WITH ORDINALITY AS r(e, t, p, o, n) ORDER BY n ON CONFLICT (event_id) DO NOTHING RETURNING 1), \
+         d AS (DELETE FROM membership_roles r USING unnest($32::text[], $33::text[]) AS k(org, usr) \
+         WHERE r.organization_id = k.org AND r.user_id = k.usr AND NOT EXISTS (SELECT 1 FROM \
+         unnest($34::text[], $35::text[], $36::text[]) AS s(org, usr, slug) \
+         WHERE s.org = r.organization_id AND s.usr = r.user_id AND s.slug = r.role_slug) RETURNING 1), \
+         i AS (INSERT INTO membership_roles (organization_id, user_id, role_slug) \
+         SELECT * FROM unnest($34::text[], $35::text[], $36::text[]) ON CONFLICT DO NOTHING RETURNING 1) \
          SELECT COUNT(*) FROM e"
     )
 });
@@ -624,6 +799,15 @@ impl BatchStore for Store<'_> {
     ) -> Result<u64, DbError> {
         let rows = &writes.memberships;
         let entries = writes.audits;
+        let sets = &writes.role_sets;
+        let held: Vec<(&str, &str, &str)> = sets
+            .iter()
+            .flat_map(|r| {
+                r.role_slugs
+                    .iter()
+                    .map(|s| (r.organization_id.as_str(), r.user_id.as_str(), s.as_str()))
+            })
+            .collect();
         let inserted: i64 = sqlx::query_scalar(&WRITE)
             .bind(column(rows, |r| r.organization_id.as_str()))
             .bind(column(rows, |r| r.user_id.as_str()))
@@ -652,8 +836,18 @@ impl BatchStore for Store<'_> {
             .bind(column(events, |r| r.payload))
             .bind(column(events, |r| r.outcome))
             .bind(at(received_at))
+            .bind(column(rows, |r| slugs_text(&r.role_slugs)))
+            .bind(column(rows, |r| slugs_text(&r.workos_role_slugs)))
+            .bind(column(entries, |e| e.old_roles.as_deref().map(slugs_text)))
+            .bind(column(entries, |e| e.new_roles.as_deref().map(slugs_text)))
+            .bind(column(sets, |r| r.organization_id.as_str()))
+            .bind(column(sets, |r| r.user_id.as_str()))
+            .bind(column(&held, |h| h.0))
+            .bind(column(&held, |h| h.1))
+            .bind(column(&held, |h| h.2))
             .fetch_one(&mut *self.conn)
             .await?;
+        enqueue(&mut *self.conn, &writes.refetches, received_at.millis()).await?;
         Ok(inserted as u64)
     }
 }

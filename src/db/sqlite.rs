@@ -9,9 +9,11 @@ use std::collections::{HashMap, HashSet};
 use rusqlite::types::{Type, ValueRef};
 use rusqlite::{Connection, OptionalExtension, Row};
 
-use super::base::{DbError, Key, Value, SQLITE_MIGRATIONS};
+use super::base::{decode_slugs, slugs_text, DbError, Key, Value, SQLITE_MIGRATIONS};
+use super::refetch::{self, Queued};
 use super::store::{
-    AuditRow, BatchStore, InboxRow, Snapshot, StoredEvent, StoredFilter, TrailPoint, Writes,
+    AuditRow, BatchStore, InboxRow, QueuedRefetch, RoleSet, Snapshot, StoredEvent, StoredFilter,
+    TrailPoint, Writes,
 };
 use crate::domain::{AuditEntry, HistoryMark, Membership};
 use crate::timestamp::Timestamp;
@@ -48,7 +50,23 @@ pub(super) fn rollback(conn: &Connection) -> Result<(), DbError> {
 // ---- memberships ----
 
 const MEMBERSHIP_COLUMNS: &str = "organization_id, user_id, membership_id, role_slug, \
-     workos_role_slug, status, version, updated_at";
+     workos_role_slug, status, version, updated_at, role_slugs, workos_role_slugs";
+
+fn slugs(row: &Row<'_>, column: usize) -> rusqlite::Result<Vec<String>> {
+    let text: String = row.get(column)?;
+    decode_slugs(&text)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(column, Type::Text, e.into()))
+}
+
+/// An audit row's role set (NULL: none recorded).
+fn slugs_or_null(row: &Row<'_>, column: usize) -> rusqlite::Result<Option<Vec<String>>> {
+    let text: Option<String> = row.get(column)?;
+    text.map(|t| {
+        decode_slugs(&t)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(column, Type::Text, e.into()))
+    })
+    .transpose()
+}
 
 fn membership(row: &Row<'_>) -> rusqlite::Result<Membership> {
     Ok(Membership {
@@ -60,27 +78,105 @@ fn membership(row: &Row<'_>) -> rusqlite::Result<Membership> {
         status: row.get(5)?,
         version: timestamp(row, 6)?,
         updated_at: timestamp(row, 7)?,
+        role_slugs: slugs(row, 8)?,
+        workos_role_slugs: slugs(row, 9)?,
     })
 }
 
-/// The stored row of one membership, and whether the slug WorkOS last reported for it is a known
-/// role (false for none).
+/// The stored row of one membership, and which slugs of the set WorkOS last reported for it
+/// (`workos_role_slugs`, `workos_role_slug`) are known roles.
 pub(super) fn membership_with_role(
     conn: &Connection,
     organization_id: &str,
     user_id: &str,
-) -> Result<Option<(Membership, bool)>, DbError> {
+) -> Result<Option<(Membership, HashSet<String>)>, DbError> {
     let sql = format!(
         "SELECT {MEMBERSHIP_COLUMNS}, \
          (SELECT COUNT(*) FROM roles WHERE slug = memberships.workos_role_slug) \
          FROM memberships WHERE organization_id = ?1 AND user_id = ?2"
     );
-    Ok(conn
+    let Some((membership, primary_known)) = conn
         .prepare_cached(&sql)?
         .query_row([organization_id, user_id], |row| {
-            Ok((membership(row)?, row.get::<_, i64>(8)? > 0))
+            Ok((membership(row)?, row.get::<_, i64>(10)? > 0))
         })
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let known = match single_role(&membership) {
+        true => membership
+            .workos_role_slug
+            .clone()
+            .filter(|_| primary_known)
+            .into_iter()
+            .collect(),
+        false => known_of(&membership, roles(conn)?),
+    };
+    Ok(Some((membership, known)))
+}
+
+/// Whether the set WorkOS last reported is just the primary role (one role per membership): then
+/// whether that one is known says it all, with no other read.
+fn single_role(m: &Membership) -> bool {
+    m.workos_role_slugs.len() <= 1 && m.workos_role_slugs.first() == m.workos_role_slug.as_ref()
+}
+
+/// The known roles among the slugs WorkOS last reported for a membership.
+fn known_of(m: &Membership, roles: Vec<String>) -> HashSet<String> {
+    roles
+        .into_iter()
+        .filter(|s| m.workos_role_slugs.contains(s) || m.workos_role_slug.as_ref() == Some(s))
+        .collect()
+}
+
+/// The stored row holding a WorkOS membership id, if any.
+pub(super) fn membership_by_id(
+    conn: &Connection,
+    membership_id: &str,
+) -> Result<Option<Membership>, DbError> {
+    let sql =
+        format!("SELECT {MEMBERSHIP_COLUMNS} FROM memberships WHERE membership_id = ?1 LIMIT 1");
+    Ok(conn
+        .prepare_cached(&sql)?
+        .query_row([membership_id], membership)
         .optional()?)
+}
+
+/// The roles `membership_roles` holds for a membership, sorted.
+pub(super) fn roles_of(
+    conn: &Connection,
+    organization_id: &str,
+    user_id: &str,
+) -> Result<Vec<String>, DbError> {
+    let rows = conn
+        .prepare_cached(
+            "SELECT role_slug FROM membership_roles WHERE organization_id = ?1 AND user_id = ?2 \
+             ORDER BY role_slug",
+        )?
+        .query_map([organization_id, user_id], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+/// Makes `membership_roles` hold exactly each row's `role_slugs`.
+fn set_roles(conn: &Connection, rows: &[&Membership]) -> Result<(), DbError> {
+    let mut clear = conn.prepare_cached(
+        "DELETE FROM membership_roles WHERE organization_id = ?1 AND user_id = ?2",
+    )?;
+    for row in rows {
+        clear.execute([&row.organization_id, &row.user_id])?;
+    }
+    let mut add = conn.prepare_cached(
+        "INSERT INTO membership_roles (organization_id, user_id, role_slug) VALUES (?1, ?2, ?3) \
+         ON CONFLICT DO NOTHING",
+    )?;
+    for row in rows {
+        for slug in &row.role_slugs {
+            add.execute([&row.organization_id, &row.user_id, slug])?;
+        }
+    }
+    Ok(())
 }
 
 /// Every stored row (of one organization), ordered by organization then user.
@@ -136,10 +232,11 @@ fn upsert_memberships(
     read_ids: &HashMap<Key, Option<String>>,
 ) -> Result<(), DbError> {
     let sql = format!(
-        "INSERT INTO memberships ({MEMBERSHIP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
+        "INSERT INTO memberships ({MEMBERSHIP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
          ON CONFLICT (organization_id, user_id) DO UPDATE SET role_slug = excluded.role_slug, \
          workos_role_slug = excluded.workos_role_slug, status = excluded.status, \
-         version = excluded.version, updated_at = excluded.updated_at"
+         version = excluded.version, updated_at = excluded.updated_at, \
+         role_slugs = excluded.role_slugs, workos_role_slugs = excluded.workos_role_slugs"
     );
     let mut upsert = conn.prepare_cached(&sql)?;
     for row in rows {
@@ -152,6 +249,8 @@ fn upsert_memberships(
             row.status,
             row.version.to_string(),
             row.updated_at.to_string(),
+            slugs_text(&row.role_slugs),
+            slugs_text(&row.workos_role_slugs),
         ])?;
     }
     let mut set_id = conn.prepare_cached(
@@ -181,7 +280,7 @@ fn insert_audit(conn: &Connection, entries: &[AuditEntry]) -> Result<(), DbError
     let mut statement = conn.prepare_cached(
         "INSERT INTO role_audit (recorded_at, organization_id, user_id, membership_id, source, \
          event_id, workos_role_slug, old_role, new_role, old_status, new_status, outcome, detail, \
-         version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         version, old_roles, new_roles) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )?;
     for e in entries {
         statement.execute(rusqlite::params![
@@ -199,6 +298,8 @@ fn insert_audit(conn: &Connection, entries: &[AuditEntry]) -> Result<(), DbError
             e.outcome.as_str(),
             e.detail,
             e.version.to_string(),
+            e.old_roles.as_deref().map(slugs_text),
+            e.new_roles.as_deref().map(slugs_text),
         ])?;
     }
     Ok(())
@@ -242,8 +343,8 @@ pub(super) fn audit(
 ) -> Result<Vec<AuditRow>, DbError> {
     let mut statement = conn.prepare_cached(
         "SELECT id, recorded_at, organization_id, user_id, membership_id, source, event_id, \
-         workos_role_slug, old_role, new_role, old_status, new_status, outcome, detail, version \
-         FROM role_audit WHERE (?1 IS NULL OR organization_id = ?1) AND (?2 IS NULL OR user_id = ?2) \
+         workos_role_slug, old_role, new_role, old_status, new_status, outcome, detail, version, \
+         old_roles, new_roles FROM role_audit WHERE (?1 IS NULL OR organization_id = ?1) AND (?2 IS NULL OR user_id = ?2) \
          ORDER BY id DESC LIMIT ?3",
     )?;
     let rows = statement
@@ -264,6 +365,8 @@ pub(super) fn audit(
                 outcome: row.get(12)?,
                 detail: row.get(13)?,
                 version: row.get(14)?,
+                old_roles: RoleSet(slugs_or_null(row, 15)?),
+                new_roles: RoleSet(slugs_or_null(row, 16)?),
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -561,15 +664,90 @@ pub(super) fn migrate(conn: &Connection) -> Result<(), DbError> {
     Ok(())
 }
 
+// ---- refetch_queue ----
+
+/// Queues refetches, in the batch's transaction.
+fn enqueue(conn: &Connection, refetches: &[QueuedRefetch<'_>], now_ms: i64) -> Result<(), DbError> {
+    for queued in refetches {
+        let (sql, params) = refetch::statement(queued, now_ms);
+        let mut statement = conn.prepare_cached(sql)?;
+        bind(&mut statement, &params)?;
+        statement.raw_execute()?;
+    }
+    Ok(())
+}
+
+pub(super) fn refetch_due(
+    conn: &Connection,
+    now_ms: i64,
+    limit: i64,
+) -> Result<Vec<Queued>, DbError> {
+    let rows = conn
+        .prepare_cached(refetch::DUE)?
+        .query_map([now_ms, limit], |row| {
+            Ok(Queued {
+                target: row.get(0)?,
+                organization_id: row.get(1)?,
+                event_id: row.get(2)?,
+                reason: row.get(3)?,
+                gone_role: row.get(4)?,
+                signals: row.get(5)?,
+                attempts: row.get(6)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+pub(super) fn refetch_claim(
+    conn: &Connection,
+    target: &str,
+    now_ms: i64,
+    until_ms: i64,
+) -> Result<bool, DbError> {
+    let claimed = conn
+        .prepare_cached(refetch::CLAIM)?
+        .execute(rusqlite::params![until_ms, target, now_ms])?;
+    Ok(claimed == 1)
+}
+
+pub(super) fn refetch_finish(conn: &Connection, done: &Queued, now_ms: i64) -> Result<(), DbError> {
+    let removed = conn
+        .prepare_cached(refetch::FINISH)?
+        .execute(rusqlite::params![done.target, done.signals])?;
+    if removed == 0 {
+        conn.prepare_cached(refetch::AGAIN)?
+            .execute(rusqlite::params![now_ms, done.target])?;
+    }
+    Ok(())
+}
+
+pub(super) fn refetch_retry(
+    conn: &Connection,
+    failed: &Queued,
+    next_ms: i64,
+    error: &str,
+) -> Result<(), DbError> {
+    conn.prepare_cached(refetch::RETRY)?
+        .execute(rusqlite::params![
+            failed.attempts + 1,
+            next_ms,
+            error,
+            failed.target
+        ])?;
+    Ok(())
+}
+
+pub(super) fn refetch_depth(conn: &Connection) -> Result<(i64, Option<i64>), DbError> {
+    Ok(conn
+        .prepare_cached(refetch::DEPTH)?
+        .query_row([], |row| Ok((row.get(0)?, row.get(1)?)))?)
+}
+
 // ---- any statement (operators' tools and tests) ----
 
-/// Runs one statement with `$n` (or `?`) parameters; every row, each column as a [`Value`].
-pub(super) fn rows(
-    conn: &Connection,
-    sql: &str,
-    params: &[Value],
-) -> Result<Vec<Vec<Value>>, DbError> {
-    let mut statement = conn.prepare(sql)?;
+/// Binds `$1`, `$2`, ... (or `?`) to `params`.
+fn bind(statement: &mut rusqlite::Statement<'_>, params: &[Value]) -> Result<(), DbError> {
     for (i, param) in params.iter().enumerate() {
         let index = statement
             .parameter_index(&format!("${}", i + 1))?
@@ -580,6 +758,17 @@ pub(super) fn rows(
             Value::Text(s) => statement.raw_bind_parameter(index, s)?,
         }
     }
+    Ok(())
+}
+
+/// Runs one statement with `$n` (or `?`) parameters; every row, each column as a [`Value`].
+pub(super) fn rows(
+    conn: &Connection,
+    sql: &str,
+    params: &[Value],
+) -> Result<Vec<Vec<Value>>, DbError> {
+    let mut statement = conn.prepare(sql)?;
+    bind(&mut statement, params)?;
     let columns = statement.column_count();
     let mut rows = statement.raw_query();
     let mut out = Vec::new();
@@ -648,7 +837,9 @@ impl BatchStore for Store<'_> {
         received_at: Timestamp,
     ) -> Result<u64, DbError> {
         upsert_memberships(&*self.conn, &writes.memberships, self.read_ids)?;
+        set_roles(&*self.conn, &writes.role_sets)?;
         insert_audit(&*self.conn, writes.audits)?;
+        enqueue(&*self.conn, &writes.refetches, received_at.millis())?;
         insert_events(&*self.conn, events, received_at)
     }
 }

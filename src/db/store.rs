@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use serde::Serialize;
 
 use super::base::{DbError, Key};
-use crate::domain::{AuditEntry, HistoryMark, Membership};
+use crate::domain::{AuditEntry, HistoryMark, Membership, Refetch};
 use crate::timestamp::Timestamp;
 
 /// A point of a membership's audit trail: (organization_id, user_id, as of version).
@@ -47,11 +47,23 @@ pub struct Snapshot {
     pub roles: HashSet<String>,
 }
 
-/// The rows a batch writes: memberships inserted or replaced (each key at most once) and audit rows
+/// The rows a batch writes: memberships inserted or replaced (each key at most once), those of them
+/// whose role set changed (whose `membership_roles` rows the write replaces), and audit rows
 /// appended in order.
 pub struct Writes<'a> {
     pub memberships: Vec<&'a Membership>,
+    pub role_sets: Vec<&'a Membership>,
     pub audits: &'a [AuditEntry],
+    /// Refetches the batch's deliveries ask for, queued in `refetch_queue`.
+    pub refetches: Vec<QueuedRefetch<'a>>,
+}
+
+/// A refetch a delivery asks for: what, and the event (id and type) that asked.
+#[derive(Debug, Clone, Copy)]
+pub struct QueuedRefetch<'a> {
+    pub refetch: &'a Refetch,
+    pub event_id: &'a str,
+    pub reason: &'a str,
 }
 
 /// A delivery to record.
@@ -81,7 +93,16 @@ pub struct AuditRow {
     pub outcome: String,
     pub detail: String,
     pub version: String,
+    /// The role sets before and after; `None` where no row was stored, and on rows written before
+    /// role sets were recorded.
+    pub old_roles: RoleSet,
+    pub new_roles: RoleSet,
 }
+
+/// A role set column of an audit row (a JSON array of slugs), `None` where none was recorded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct RoleSet(pub Option<Vec<String>>);
 
 /// A stored delivery read back for replay.
 #[derive(Debug, Clone)]

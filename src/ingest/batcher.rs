@@ -232,6 +232,8 @@ mod tests {
             user_id: user.into(),
             membership_id: format!("om_{user}"),
             role_slug: Some(role.into()),
+            role_slugs: vec![role.into()],
+            roles_reported: true,
             status: "active".into(),
             deleted: false,
             inferred: false,

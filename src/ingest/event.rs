@@ -3,7 +3,9 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::domain::{check_id, Observation, Source, DELETED};
+use crate::domain::{
+    check_id, reported_roles, Observation, Refetch, Source, DELETED, ORGANIZATION_TARGET,
+};
 use crate::timestamp::Timestamp;
 
 /// The envelope of every WorkOS event. `data` stays raw until the type is known.
@@ -22,6 +24,8 @@ pub enum EventKind {
     Membership(Observation),
     /// A membership event missing or mangling a required field.
     Invalid(String),
+    /// An event that changes roles without carrying them: stored, with a refetch queued.
+    Refetch(Refetch),
     /// Any other event type: stored and ignored.
     Other,
 }
@@ -33,6 +37,9 @@ struct MembershipData {
     organization_id: Option<String>,
     status: Option<String>,
     role: Option<RoleRef>,
+    /// Every role (multiple roles); absent or null when the environment has one role per membership.
+    #[serde(default)]
+    roles: Option<Vec<RoleRef>>,
     updated_at: Option<String>,
     /// Read leniently: only `true` marks the membership directory-managed; any other value is
     /// no reason to refuse the event.
@@ -94,7 +101,7 @@ pub fn classify(envelope: &Envelope<'_>, source: Source, now: Timestamp) -> Even
     let deleted = match envelope.event.as_str() {
         "organization_membership.created" | "organization_membership.updated" => false,
         "organization_membership.deleted" => true,
-        _ => return EventKind::Other,
+        other => return refetch_kind(other, envelope.data),
     };
     // The payload's fields are under `data`: named so, as the parser names them.
     let checked = |obs: Observation| match obs.check(now) {
@@ -118,6 +125,11 @@ fn observation(
     let updated_at = required(data.updated_at, "data.updated_at")?;
     let version = Timestamp::parse(&updated_at).map_err(|e| format!("data.updated_at: {e}"))?;
     let role_slug = data.role.and_then(|r| r.slug).filter(|s| !s.is_empty());
+    let roles = data
+        .roles
+        .map(|roles| roles.into_iter().map(|r| r.slug).collect());
+    let (role_slugs, roles_reported) = reported_roles(role_slug.as_deref(), roles)
+        .map_err(|why| why.replacen("field `", "field `data.", 1))?;
     let (status, role_slug) = if deleted {
         (DELETED.to_owned(), role_slug)
     } else {
@@ -132,6 +144,8 @@ fn observation(
         user_id: required(data.user_id, "data.user_id")?,
         membership_id: required(data.id, "data.id")?,
         role_slug,
+        role_slugs,
+        roles_reported,
         status,
         deleted,
         inferred: false,
@@ -140,6 +154,82 @@ fn observation(
         source,
         event_id: Some(envelope.id.clone()),
     })
+}
+
+/// The event types that change a membership's roles without carrying them (see
+/// `../shared/workos.md`, "Role changes that arrive without a role"); the Events API catch-up asks
+/// for them too.
+pub const REFETCH_EVENTS: [&str; 8] = [
+    "group.member_added",
+    "group.member_removed",
+    "role.deleted",
+    "organization_role.deleted",
+    "organization_role.updated",
+    "dsync.user.updated",
+    "dsync.group.user_added",
+    "dsync.group.user_removed",
+];
+
+/// What a role-changing event without a role asks to refetch; any other type is `Other`.
+fn refetch_kind(event: &str, data: Option<&RawValue>) -> EventKind {
+    if !REFETCH_EVENTS.contains(&event) {
+        return EventKind::Other;
+    }
+    let data: serde_json::Value = match data.map(|raw| serde_json::from_str(raw.get())) {
+        Some(Ok(value)) => value,
+        Some(Err(e)) => return EventKind::Invalid(format!("`data` is not JSON: {e}")),
+        None => return EventKind::Invalid("missing field `data`".into()),
+    };
+    let text = |path: &[&str]| {
+        path.iter()
+            .try_fold(&data, |v, key| v.get(key))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    let checked = |value: Option<String>, name: &str| -> Result<String, String> {
+        let value = value.ok_or_else(|| format!("missing field `data.{name}`"))?;
+        check_id(&value).map_err(|why| format!("field `data.{name}` {why}"))?;
+        Ok(value)
+    };
+    let refetch = match event {
+        "group.member_added" | "group.member_removed" => checked(
+            text(&["organization_membership_id"]),
+            "organization_membership_id",
+        )
+        .and_then(|id| match id.starts_with(ORGANIZATION_TARGET) {
+            true => Err(format!(
+                "field `data.organization_membership_id` {id:?} is no membership id"
+            )),
+            false => Ok(Refetch::Membership(id)),
+        }),
+        "role.deleted" => checked(text(&["slug"]), "slug").map(|slug| Refetch::Role {
+            slug,
+            organization_id: None,
+            gone: true,
+        }),
+        "organization_role.deleted" | "organization_role.updated" => {
+            let slug = checked(text(&["slug"]), "slug");
+            let organization = checked(text(&["organization_id"]), "organization_id");
+            slug.and_then(|slug| {
+                Ok(Refetch::Role {
+                    slug,
+                    organization_id: Some(organization?),
+                    gone: event.ends_with(".deleted"),
+                })
+            })
+        }
+        // A directory user or group names no membership: every membership of its organization.
+        _ => {
+            let organization = text(&["organization_id"])
+                .or_else(|| text(&["user", "organization_id"]))
+                .or_else(|| text(&["group", "organization_id"]));
+            checked(organization, "organization_id").map(Refetch::Organization)
+        }
+    };
+    match refetch {
+        Ok(refetch) => EventKind::Refetch(refetch),
+        Err(reason) => EventKind::Invalid(reason),
+    }
 }
 
 /// A field the observation needs; what it may hold is [`Observation::check`]'s to say.

@@ -388,7 +388,7 @@ async fn commands_other_than_serve_and_migrate_refuse_a_missing_or_unmigrated_da
     }
     assert_eq!(empty.tables().await, 0, "no table created");
     let run = rolesync(&["migrate"], &[("DATABASE_URL", &empty.url)]);
-    assert!(run.stdout.ends_with(": 4 migrations applied\n"), "{run:?}");
+    assert!(run.stdout.ends_with(": 5 migrations applied\n"), "{run:?}");
     assert!(rolesync(&["audit"], &[("DATABASE_URL", &empty.url)]).code == 0);
     empty.drop_database().await;
 }

@@ -87,7 +87,7 @@ both! {
         let (status, answer) = app.login("user_1").await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(answer, json!({"user_id": "user_1", "organization_id": "org_1", "role": "admin",
-            "status": "active", "outcome": "applied", "source": "workos"}));
+            "roles": ["admin"], "status": "active", "outcome": "applied", "source": "workos"}));
         let audit = audit_of(&t.db, "org_1", "user_1").await;
         assert_eq!((audit.len(), audit[1].source.as_str()), (2, "login"));
         let seen = &fake.requests()[0];
@@ -249,8 +249,8 @@ both! {
         let (status, answer) = app.login("user_1").await;
         let elapsed = started.elapsed();
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(answer, json!({"user_id": "user_1", "organization_id": "org_1", "role": "member", "status": "active",
-            "outcome": null, "source": "database", "workos_error": "timeout"}));
+        assert_eq!(answer, json!({"user_id": "user_1", "organization_id": "org_1", "role": "member", "roles": ["member"],
+            "status": "active", "outcome": null, "source": "database", "workos_error": "timeout"}));
         assert!(elapsed < Duration::from_millis(400), "answered after {elapsed:?}, budget 300 ms");
         assert_eq!(audit_count(&t.db).await, 1, "nothing written on fallback");
     }

@@ -61,13 +61,15 @@ async fn both_migration_sets_produce_the_same_tables_and_columns() {
         "status",
         "version",
         "updated_at",
+        "role_slugs",
+        "workos_role_slugs",
     ] {
         assert!(
             s.contains(&("memberships".into(), column.into())),
             "memberships.{column}"
         );
     }
-    assert_eq!(s.iter().filter(|(t, _)| t == "role_audit").count(), 15);
+    assert_eq!(s.iter().filter(|(t, _)| t == "role_audit").count(), 17);
 }
 
 /// The SQL of one migration file of a backend.
@@ -154,11 +156,11 @@ async fn postgres_times_become_timestamptz_keeping_every_microsecond_and_their_o
          INSERT INTO sync_state (name, cursor, updated_at) VALUES ('events', 'evt_1', '2026-11-20T10:00:03.000007Z')").await;
     let state = t.db.migration_state().await.unwrap();
     assert_eq!(
-        state.applied + 1,
+        state.applied + 2,
         state.known,
-        "only 0004 pending: {state:?}"
+        "0004 and 0005 pending: {state:?}"
     );
-    assert_eq!(t.db.apply_migrations().await.unwrap(), 1);
+    assert_eq!(t.db.apply_migrations().await.unwrap(), 2);
 
     let types = strings(&t.db, "SELECT table_name || '.' || column_name || ' ' || data_type FROM information_schema.columns \
          WHERE table_schema = 'public' AND table_name NOT LIKE '\\_sqlx%' AND column_name IN ('version', 'updated_at', 'recorded_at', 'received_at', 'created_at') \

@@ -408,7 +408,7 @@ fn migrate_twice_and_manage_roles_from_the_command_line() {
     let url = format!("sqlite://{}/cli.db", dir.path().display());
     let envs = [("DATABASE_URL", url.as_str())];
     let (code, first, _) = run(&["migrate"], &envs);
-    assert_eq!((code, first), (0, format!("{url}: 3 migrations applied\n")));
+    assert_eq!((code, first), (0, format!("{url}: 4 migrations applied\n")));
     let (code, second, _) = run(&["migrate"], &envs);
     assert_eq!(
         (code, second),

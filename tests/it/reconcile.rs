@@ -476,14 +476,16 @@ fn property_db(backend: Backend) -> (tokio::runtime::Runtime, TestDb) {
     (rt, t)
 }
 
-/// Any order of any multiset of observations (distinct versions) ends in the newest state, with a
-/// consistent audit chain and no audit row for a repeated observation.
+/// Any order of any multiset of observations (distinct versions, role sets among them) ends in the
+/// newest state, `membership_roles` included, with a consistent audit chain and no audit row for a
+/// repeated observation.
 fn convergence_property(backend: Backend) {
     let (rt, t) = property_db(backend);
     let observation = (
         prop::sample::select(vec!["admin", "member"]),
         prop::sample::select(vec!["active", "inactive", "pending"]),
         prop::bool::weighted(0.2),
+        prop::sample::subsequence(vec!["admin", "member", "viewer"], 0..=3),
     );
     let strategy =
         prop::collection::vec((observation, 1usize..=3), 1..8).prop_flat_map(|distinct| {
@@ -501,9 +503,10 @@ fn convergence_property(backend: Backend) {
     };
     proptest!(config, |((distinct, order) in strategy)| {
         let user = format!("user_p{}", counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        let observations: Vec<Observation> = distinct.iter().enumerate().map(|(i, ((role, status, deleted), _))| {
+        let observations: Vec<Observation> = distinct.iter().enumerate().map(|(i, ((role, status, deleted, others), _))| {
             let mut o = obs(i as i64 + 1, Some(role), status, *deleted);
             o.user_id = user.clone();
+            o.role_slugs = rolesync::domain::role_set(Some(role), others.iter().map(|s| s.to_string()));
             o
         }).collect();
         rt.block_on(async {
@@ -512,6 +515,15 @@ fn convergence_property(backend: Backend) {
             }
             let row = membership(&t.db, "org_1", &user).await.unwrap();
             prop_assert_eq!((row.role_slug, row.status), expected_final(&observations));
+            let newest = observations.iter().max_by_key(|o| o.version).unwrap();
+            // `viewer` is no role the app knows: never stored, the rest of the set applied.
+            let set: Vec<String> = match newest.deleted {
+                true => vec![],
+                false => newest.role_slugs.iter().filter(|s| *s != "viewer").cloned().collect(),
+            };
+            let held = t.db.roles_of("org_1", &user).await.unwrap();
+            prop_assert_eq!(&held, &set, "membership_roles holds the newest set");
+            prop_assert_eq!(&row.role_slugs, &set);
             let audit = audit_of(&t.db, "org_1", &user).await;
             assert_chain(&audit);
             prop_assert!(audit.len() <= observations.len(), "more audit rows than distinct observations");

@@ -209,7 +209,9 @@ async fn every_command_in_schema_rolesync(options: &str) {
 
     let rolesync_tables = [
         "_sqlx_migrations",
+        "membership_roles",
         "memberships",
+        "refetch_queue",
         "role_audit",
         "roles",
         "sync_state",

@@ -156,6 +156,8 @@ pub fn obs(version: i64, role: Option<&str>, status: &str, deleted: bool) -> Obs
         user_id: "user_1".into(),
         membership_id: "om_1".into(),
         role_slug: role.map(str::to_owned),
+        role_slugs: role.map(str::to_owned).into_iter().collect(),
+        roles_reported: true,
         status: status.into(),
         deleted,
         inferred: false,
