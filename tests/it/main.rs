@@ -15,4 +15,5 @@ mod reconcile;
 mod reliability;
 mod schema;
 mod sqlite_build;
+mod token;
 mod webhook;
