@@ -16,7 +16,7 @@ use crate::db;
 use crate::domain::{check_id, Membership, Outcome};
 use crate::login::{self, LoginAnswer, LoginService};
 use crate::metrics::{LoginLabels, ReasonLabel};
-use crate::token::TokenError;
+use crate::token::{Claims, TokenError};
 
 /// The bearer token check of both routes.
 fn authorize(login: &LoginService, headers: &HeaderMap) -> Result<(), AppError> {
@@ -104,43 +104,51 @@ async fn token_sign_in(
     user_id: Option<String>,
     organization_id: Option<String>,
 ) -> Result<LoginAnswer, AppError> {
-    let claims = app
-        .login
-        .tokens
-        .verify(access_token, app.clock.now())
-        .await
-        .inspect_err(|e| {
-            if let TokenError::Invalid { reason, .. } = e {
-                let label = ReasonLabel {
-                    reason: (*reason).to_owned(),
-                };
-                app.metrics.token_rejections.get_or_create(&label).inc();
-            }
-        })?;
+    let claims = verify(app, access_token).await?;
+    let org_id = organization_of(&claims, user_id, organization_id)?;
+    record_ids(&claims.user_id, &org_id);
+    Ok(login::token_login(&app.login, &claims, &org_id).await?)
+}
+
+/// The token's claims; a refused token is counted by reason.
+async fn verify(app: &AppState, access_token: &str) -> Result<Claims, AppError> {
+    let verified = app.login.tokens.verify(access_token, app.clock.now()).await;
+    if let Err(TokenError::Invalid { reason, .. }) = &verified {
+        let label = ReasonLabel {
+            reason: (*reason).to_owned(),
+        };
+        app.metrics.token_rejections.get_or_create(&label).inc();
+    }
+    Ok(verified?)
+}
+
+/// The token's `org_id`, once the token names an organization and the body's ids (when given)
+/// are the token's.
+fn organization_of(
+    claims: &Claims,
+    user_id: Option<String>,
+    organization_id: Option<String>,
+) -> Result<String, AppError> {
+    let invalid = |text: String| AppError::InvalidRequest(text);
     let org_id = claims.organization_id.clone().ok_or_else(|| {
-        AppError::InvalidRequest(
+        invalid(
             "the access token names no organization (`org_id`): none was selected at sign-in"
                 .into(),
         )
     })?;
-    let claim = |name: &str, why: String| {
-        AppError::InvalidRequest(format!("the access token's `{name}` {why}"))
-    };
-    check_id(&claims.user_id).map_err(|why| claim("sub", why))?;
-    check_id(&org_id).map_err(|why| claim("org_id", why))?;
-    let mismatch = |field: &str, claim: &str| {
-        AppError::InvalidRequest(format!(
-            "`{field}` does not match the access token's `{claim}`"
-        ))
-    };
+    check_id(&claims.user_id).map_err(|why| invalid(format!("the access token's `sub` {why}")))?;
+    check_id(&org_id).map_err(|why| invalid(format!("the access token's `org_id` {why}")))?;
     if user_id.is_some_and(|u| u != claims.user_id) {
-        return Err(mismatch("user_id", "sub"));
+        return Err(invalid(
+            "`user_id` does not match the access token's `sub`".into(),
+        ));
     }
     if organization_id.is_some_and(|o| o != org_id) {
-        return Err(mismatch("organization_id", "org_id"));
+        return Err(invalid(
+            "`organization_id` does not match the access token's `org_id`".into(),
+        ));
     }
-    record_ids(&claims.user_id, &org_id);
-    Ok(login::token_login(&app.login, &claims, &org_id).await?)
+    Ok(org_id)
 }
 
 /// `GET /v1/memberships/{organization_id}/{user_id}`.
