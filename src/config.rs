@@ -65,6 +65,31 @@ impl FromStr for WebhookSecrets {
     }
 }
 
+/// The accepted issuers of access tokens: a comma-separated list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issuers(pub Vec<String>);
+
+impl FromStr for Issuers {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let issuers: Vec<String> = s
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| parse_word(p).map_err(|why| format!("an issuer {why}")))
+            .collect::<Result<_, _>>()?;
+        if issuers.is_empty() {
+            return Err("expected one or more comma-separated issuers".into());
+        }
+        Ok(Self(issuers))
+    }
+}
+
+/// A non-blank value without whitespace or control characters (an id, a claim name).
+fn parse_word(text: &str) -> Result<String, String> {
+    text.parse::<Secret>().map(|s| s.0)
+}
+
 /// A database URL with a supported scheme.
 #[derive(Clone, PartialEq, Eq)]
 pub struct DatabaseUrl(pub String);
@@ -299,6 +324,47 @@ pub struct Config {
         global = true
     )]
     pub login_token: Option<Secret>,
+
+    /// WorkOS client id (client_...): sign-in with an AuthKit access token verifies it against this client's key set (off when unset)
+    #[arg(
+        long,
+        env = "WORKOS_CLIENT_ID",
+        value_name = "WORKOS_CLIENT_ID",
+        value_parser = parse_word,
+        global = true
+    )]
+    pub client_id: Option<String>,
+
+    /// Comma-separated accepted `iss` of access tokens [default: https://api.workos.com and https://api.workos.com/user_management/<WORKOS_CLIENT_ID>]
+    #[arg(
+        long,
+        env = "ROLESYNC_TOKEN_ISSUERS",
+        value_name = "ROLESYNC_TOKEN_ISSUERS",
+        global = true
+    )]
+    pub token_issuers: Option<Issuers>,
+
+    /// The access token claim holding the role slug (JWT templates can rename it)
+    #[arg(
+        long,
+        env = "ROLESYNC_TOKEN_ROLE_CLAIM",
+        value_name = "ROLESYNC_TOKEN_ROLE_CLAIM",
+        default_value = "role",
+        value_parser = parse_word,
+        global = true
+    )]
+    pub token_role_claim: String,
+
+    /// The access token claim holding the list of role slugs
+    #[arg(
+        long,
+        env = "ROLESYNC_TOKEN_ROLES_CLAIM",
+        value_name = "ROLESYNC_TOKEN_ROLES_CLAIM",
+        default_value = "roles",
+        value_parser = parse_word,
+        global = true
+    )]
+    pub token_roles_claim: String,
 
     /// Total time a login may spend on WorkOS (retries included) before answering from the database
     #[arg(

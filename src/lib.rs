@@ -21,4 +21,5 @@ pub mod signature;
 pub mod sync;
 pub mod table;
 pub mod timestamp;
+pub mod token;
 pub mod workos;

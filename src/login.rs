@@ -15,10 +15,11 @@ use tokio::time::Instant;
 
 use crate::config::{Config, Secret};
 use crate::db::{self, Db};
-use crate::domain::{Membership, Observation, Outcome, Source};
+use crate::domain::{role_set, Membership, Observation, Outcome, Source, ACTIVE};
 use crate::metrics::Metrics;
 use crate::reconcile::{inferred_deletion, reconcile_and_read};
 use crate::timestamp::{SharedClock, Timestamp};
+use crate::token::{Claims, TokenVerifier};
 use crate::workos::{WorkosClient, WorkosError};
 
 type Key = (String, String);
@@ -45,7 +46,8 @@ pub struct LoginAnswer {
     pub status: Option<String>,
     /// The reconcile outcome; null when the answer comes from the database.
     pub outcome: Option<Outcome>,
-    /// `workos` (fetched now) or `database` (the stored row).
+    /// `workos` (fetched now), `database` (the stored row) or `token` (the stored row, which the
+    /// access token's claims agree with).
     pub source: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workos_error: Option<String>,
@@ -59,11 +61,16 @@ pub enum LoginError {
     WorkosUnavailable(String),
     #[error("the database is unavailable: {0}")]
     StorageUnavailable(String),
+    /// An impersonation token for a membership rolesync has not stored.
+    #[error("no membership is stored, and an impersonation token fetches none")]
+    NotStored,
 }
 
 /// The login machinery: WorkOS client, budget, limiters and in-flight fetches.
 pub struct LoginService {
     pub workos: WorkosClient,
+    /// Verifies the access tokens of token sign-ins.
+    pub tokens: TokenVerifier,
     db: Db,
     clock: SharedClock,
     token: Option<Secret>,
@@ -86,12 +93,14 @@ impl LoginService {
             .map(RateLimiter::keyed);
         let global = NonZeroU32::new(config.workos_rps)
             .map(|rps| Arc::new(RateLimiter::direct(Quota::per_second(rps))));
+        let workos = WorkosClient::new(
+            &config.api_base_url.0,
+            config.api_key.clone(),
+            metrics.clone(),
+        );
         Self {
-            workos: WorkosClient::new(
-                &config.api_base_url.0,
-                config.api_key.clone(),
-                metrics.clone(),
-            ),
+            tokens: TokenVerifier::new(config, workos.clone()),
+            workos,
             db,
             clock,
             token: config.login_token.clone(),
@@ -196,6 +205,74 @@ pub async fn login(
         true => answer,
         false => joined(svc, user_id, organization_id, fetched).await,
     }
+}
+
+/// What a verified token's claims lead to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenDecision {
+    /// The claims agree with the stored row: answer it, no fetch, no write.
+    Agrees,
+    /// The stored row was written after the token was minted (or the token is an impersonation):
+    /// answer it, no fetch.
+    Stored,
+    /// The claims disagree, or nothing is stored: today's login path.
+    Fetch,
+}
+
+/// A sign-in with a verified access token for `organization_id` (its `org_id`). The claims only
+/// decide whether to fetch: every write comes from the API's versioned answer.
+pub async fn token_login(
+    svc: &LoginService,
+    claims: &Claims,
+    organization_id: &str,
+) -> Result<LoginAnswer, LoginError> {
+    let user_id = claims.user_id.as_str();
+    let stored = svc
+        .db
+        .membership(organization_id, user_id)
+        .await
+        .map_err(|e| LoginError::StorageUnavailable(e.to_string()))?;
+    let row = stored.as_ref();
+    match decide_token(claims, row) {
+        TokenDecision::Agrees => Ok(answer_of(user_id, organization_id, row, "token")),
+        TokenDecision::Stored if row.is_some() => {
+            Ok(answer_of(user_id, organization_id, row, "database"))
+        }
+        TokenDecision::Stored => Err(LoginError::NotStored),
+        TokenDecision::Fetch => login(svc, user_id, organization_id).await,
+    }
+}
+
+fn decide_token(claims: &Claims, stored: Option<&Membership>) -> TokenDecision {
+    // An impersonation token never leads to a write, not even through a fetch.
+    if claims.impersonated {
+        return TokenDecision::Stored;
+    }
+    let Some(stored) = stored else {
+        return TokenDecision::Fetch;
+    };
+    if claims_agree(claims, stored) {
+        return TokenDecision::Agrees;
+    }
+    // `iat` has whole seconds: only a version a full second after it is surely newer.
+    if claims.issued_at.millis().saturating_add(1000) <= stored.version.millis() {
+        return TokenDecision::Stored;
+    }
+    TokenDecision::Fetch
+}
+
+/// Whether the token says what WorkOS last said of the stored membership: it is active, and the
+/// token's role and role set (where the token carries one) are the ones WorkOS last reported
+/// (`workos_role_slug`, `workos_role_slugs`; an unknown slug among them was refused then and would
+/// be refused again). Then a fetch could only repeat what is stored.
+fn claims_agree(claims: &Claims, stored: &Membership) -> bool {
+    let Some(role) = stored.workos_role_slug.as_deref() else {
+        return false;
+    };
+    let same_set = claims.roles.as_ref().is_none_or(|roles| {
+        !roles.is_empty() && role_set(Some(role), roles.iter().cloned()) == stored.workos_role_slugs
+    });
+    stored.status == ACTIVE && claims.role.as_deref() == Some(role) && same_set
 }
 
 /// The in-flight map. A panic while it was held leaves it poisoned but whole (each change is one
@@ -382,6 +459,107 @@ fn answer_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stored(role: Option<&str>, status: &str, version_secs: i64) -> Membership {
+        let at = Timestamp::from_millis(version_secs * 1000).unwrap();
+        Membership {
+            organization_id: "org_1".into(),
+            user_id: "user_1".into(),
+            membership_id: "om_1".into(),
+            role_slug: role.map(str::to_owned),
+            workos_role_slug: role.map(str::to_owned),
+            role_slugs: role.map(str::to_owned).into_iter().collect(),
+            workos_role_slugs: role.map(str::to_owned).into_iter().collect(),
+            status: status.into(),
+            version: at,
+            updated_at: at,
+        }
+    }
+
+    fn claims(role: &str, roles: Option<&[&str]>, iat_secs: i64) -> Claims {
+        Claims {
+            user_id: "user_1".into(),
+            organization_id: Some("org_1".into()),
+            role: Some(role.into()),
+            roles: roles.map(|r| r.iter().map(|s| s.to_string()).collect()),
+            issued_at: Timestamp::from_millis(iat_secs * 1000).unwrap(),
+            impersonated: false,
+        }
+    }
+
+    #[test]
+    fn a_token_agrees_only_with_an_active_row_of_the_same_role_and_role_set() {
+        use TokenDecision::*;
+        let admin = stored(Some("admin"), "active", 100);
+        let cases: [(&str, Claims, Option<Membership>, TokenDecision); 9] = [
+            (
+                "same role",
+                claims("admin", None, 200),
+                Some(admin.clone()),
+                Agrees,
+            ),
+            (
+                "same role and set",
+                claims("admin", Some(&["admin"]), 200),
+                Some(admin.clone()),
+                Agrees,
+            ),
+            (
+                "a set with another role",
+                claims("admin", Some(&["admin", "creator"]), 200),
+                Some(admin.clone()),
+                Fetch,
+            ),
+            (
+                "an unreadable set",
+                claims("admin", Some(&[]), 200),
+                Some(admin.clone()),
+                Fetch,
+            ),
+            (
+                "another role",
+                claims("member", None, 200),
+                Some(admin.clone()),
+                Fetch,
+            ),
+            (
+                "inactive",
+                claims("admin", None, 200),
+                Some(stored(Some("admin"), "inactive", 100)),
+                Fetch,
+            ),
+            (
+                "no stored role",
+                claims("admin", None, 200),
+                Some(stored(None, "active", 100)),
+                Fetch,
+            ),
+            ("nothing stored", claims("admin", None, 200), None, Fetch),
+            (
+                "minted a second before the stored version",
+                claims("member", None, 99),
+                Some(admin.clone()),
+                Stored,
+            ),
+        ];
+        for (what, claims, row, expected) in cases {
+            assert_eq!(decide_token(&claims, row.as_ref()), expected, "{what}");
+        }
+        let same_second = claims("member", None, 100);
+        assert_eq!(
+            decide_token(&same_second, Some(&admin)),
+            Fetch,
+            "iat has whole seconds"
+        );
+        let mut impersonated = claims("admin", None, 200);
+        impersonated.impersonated = true;
+        assert_eq!(
+            decide_token(&impersonated, Some(&admin)),
+            Stored,
+            "impersonation"
+        );
+        assert_eq!(decide_token(&impersonated, None), Stored, "impersonation");
+    }
 
     #[test]
     fn a_poisoned_in_flight_map_is_used_as_it_is() {

@@ -73,6 +73,7 @@ pub struct Metrics {
     pub signature_failures: Family<ReasonLabel, Counter>,
     pub signature_secret: Family<PositionLabel, Counter>,
     pub login_answers: Family<LoginLabels, Counter>,
+    pub token_rejections: Family<ReasonLabel, Counter>,
     pub workos_requests: Family<StatusClassLabel, Counter>,
     pub workos_retries: Counter,
     pub limiter_rejections: Family<LimiterLabel, Counter>,
@@ -105,6 +106,7 @@ impl Metrics {
             signature_failures: Family::default(),
             signature_secret: Family::default(),
             login_answers: Family::default(),
+            token_rejections: Family::default(),
             workos_requests: Family::default(),
             workos_retries: Counter::default(),
             limiter_rejections: Family::default(),
@@ -145,6 +147,11 @@ impl Metrics {
             "rolesync_login_answers",
             "Login answers by outcome and source",
             self.login_answers.clone(),
+        );
+        r.register(
+            "rolesync_token_rejections",
+            "Access tokens of sign-ins refused (401 invalid_token), by reason",
+            self.token_rejections.clone(),
         );
         r.register(
             "rolesync_workos_requests",

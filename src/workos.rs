@@ -276,6 +276,28 @@ impl WorkosClient {
         deadline: Instant,
     ) -> Result<T, WorkosError> {
         let key = self.api_key.as_ref().ok_or(WorkosError::NotConfigured)?;
+        self.fetch_json(path, query, Some(key), deadline).await
+    }
+
+    /// The public key set that signs the AuthKit access tokens of `client_id`. It is public: no API
+    /// key is sent, as the SDKs send none, so it works without `WORKOS_API_KEY`.
+    pub async fn jwks(
+        &self,
+        client_id: &str,
+        deadline: Instant,
+    ) -> Result<serde_json::Value, WorkosError> {
+        let path = format!("/sso/jwks/{}", path_segment(client_id));
+        self.fetch_json(&path, &[], None, deadline).await
+    }
+
+    /// [`Self::get_json`] with an optional key.
+    async fn fetch_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        key: Option<&Secret>,
+        deadline: Instant,
+    ) -> Result<T, WorkosError> {
         let url = format!("{}{path}", self.base_url);
         let give_up = deadline.min(Instant::now() + RETRY_WINDOW);
         let mut attempt: u32 = 0;
@@ -310,15 +332,14 @@ impl WorkosClient {
         &self,
         url: &str,
         query: &[(&str, String)],
-        key: &Secret,
+        key: Option<&Secret>,
         deadline: Instant,
     ) -> Result<Vec<u8>, (WorkosError, Option<Duration>)> {
-        let request = self
-            .http
-            .get(url)
-            .query(query)
-            .header(AUTHORIZATION, format!("Bearer {}", key.expose()))
-            .send();
+        let mut request = self.http.get(url).query(query);
+        if let Some(key) = key {
+            request = request.header(AUTHORIZATION, format!("Bearer {}", key.expose()));
+        }
+        let request = request.send();
         let response = tokio::time::timeout_at(deadline, async {
             let response = request.await?;
             let status = response.status();

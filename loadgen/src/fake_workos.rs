@@ -31,6 +31,9 @@ pub struct Fake {
     pub strangers: AtomicUsize,
     /// Requests to any other path (answered 404).
     pub other: AtomicUsize,
+    /// Requests for the key set (`GET /sso/jwks/{client_id}`), answered at once.
+    pub jwks_calls: AtomicUsize,
+    jwks: Option<Value>,
     /// How long each call was actually held (the timer rounds the delay up), microseconds.
     pub held_us: Mutex<Vec<i64>>,
     /// The hold of the latest call for each bench user, microseconds.
@@ -59,14 +62,16 @@ pub fn version_of(i: usize) -> i64 {
 
 /// Serves on 127.0.0.1:0 on a thread and runtime of its own (WorkOS is another server: sharing the
 /// load generator's thread, its answers would wait behind the logins' and count as rolesync's time);
-/// returns the base URL and the counters.
-pub async fn start(delay: Duration) -> Result<(String, Arc<Fake>)> {
+/// returns the base URL and the counters. `jwks`, when given, is served for every client id.
+pub async fn start(delay: Duration, jwks: Option<Value>) -> Result<(String, Arc<Fake>)> {
     let fake = Arc::new(Fake {
         delay,
+        jwks,
         ..Fake::default()
     });
     let router = Router::new()
         .route("/user_management/organization_memberships", get(list))
+        .route("/sso/jwks/{client_id}", get(key_set))
         .fallback(other)
         .with_state(fake.clone());
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -120,6 +125,11 @@ async fn list(
         }
     };
     Json(json!({"object": "list", "data": data, "list_metadata": {"before": null, "after": null}}))
+}
+
+async fn key_set(State(fake): State<Arc<Fake>>) -> Result<Json<Value>, StatusCode> {
+    fake.jwks_calls.fetch_add(1, Ordering::Relaxed);
+    fake.jwks.clone().map(Json).ok_or(StatusCode::NOT_FOUND)
 }
 
 async fn other(State(fake): State<Arc<Fake>>) -> StatusCode {

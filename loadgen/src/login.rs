@@ -20,6 +20,7 @@ use crate::run::server_spec;
 use crate::send::{self, Run};
 use crate::server::{proc_stats, Ending, ProcStats, Server, ServerSpec};
 use crate::stats::Latency;
+use crate::token::{self, Signer};
 use crate::workload::{org_id, ts, user_id, MAX_MEMBERSHIPS};
 use crate::{Common, LoginArgs};
 
@@ -41,12 +42,22 @@ struct Logins {
     client: Http1,
     token: String,
     users: Vec<usize>,
+    /// Access tokens by user index, for a round of sign-ins with a token (empty before it).
+    access_tokens: Vec<String>,
 }
 
 impl Logins {
-    async fn send(self: Arc<Self>, k: usize) -> Reply {
+    /// One login of the `k`th user: with the user's access token when `with_token`.
+    async fn send(self: Arc<Self>, k: usize, with_token: bool) -> Reply {
         let i = self.users[k];
-        let body = json!({"user_id": user_id(i), "organization_id": org_id(i)}).to_string();
+        let (body, source) = match with_token {
+            true => (json!({"access_token": self.access_tokens[i]}), "token"),
+            false => (
+                json!({"user_id": user_id(i), "organization_id": org_id(i)}),
+                "workos",
+            ),
+        };
+        let body = body.to_string();
         let bearer = format!("Bearer {}", self.token);
         let headers = [
             ("content-type", "application/json"),
@@ -63,7 +74,7 @@ impl Logins {
         let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         let right = answer["role"] == role_of(i)
             && answer["status"] == "active"
-            && answer["source"] == "workos";
+            && answer["source"] == source;
         Reply::Answer {
             outcome: answer["outcome"].as_str().unwrap_or("null").to_owned(),
             right,
@@ -224,13 +235,13 @@ fn check_first_state(l: &mut Ledger, s: &DbState, users: usize) {
     );
 }
 
-/// After round 2: nothing written.
-fn check_second_state(l: &mut Ledger, before: &DbState, after: &DbState) {
+/// After round 2 (or 3): nothing written.
+fn check_nothing_written(l: &mut Ledger, name: &str, before: &DbState, after: &DbState) {
     l.equal(
-        "audit second",
+        &format!("audit {name}"),
         after.audit - before.audit,
         0,
-        "audit rows written by the second round",
+        &format!("audit rows written by the {name} round"),
     );
     let moved = before
         .rows
@@ -238,10 +249,10 @@ fn check_second_state(l: &mut Ledger, before: &DbState, after: &DbState) {
         .filter(|(u, row)| after.rows.get(*u) != Some(row))
         .count();
     l.equal(
-        "updated_at",
+        &format!("updated_at {name}"),
         moved as i64,
         0,
-        "memberships rewritten by the second round (updated_at or state changed)",
+        &format!("memberships rewritten by the {name} round (updated_at or state changed)"),
     );
 }
 
@@ -250,7 +261,7 @@ fn check_fake(l: &mut Ledger, fake: &Fake, users: usize) {
         "workos calls",
         Fake::count(&fake.calls) as i64,
         2 * users as i64,
-        "stand-in calls (one per login)",
+        "membership fetches (one per login of rounds 1 and 2; none for --token round 3)",
     );
     l.equal(
         "workos auth",
@@ -290,28 +301,51 @@ fn login_spec(common: &Common, fake_url: String, token: &str) -> Result<ServerSp
     )
 }
 
-/// Both rounds, each followed by a look at the database.
-async fn two_rounds(
+/// Both rounds (and with `--token` the third), each followed by a look at the database.
+async fn rounds(
     args: &LoginArgs,
-    logins: &Arc<Logins>,
+    logins: &mut Arc<Logins>,
     fake: &Fake,
-) -> Result<([Round; 2], [DbState; 2])> {
+    signer: Option<&Signer>,
+) -> Result<(Vec<Round>, Vec<DbState>)> {
     let delay = Duration::from_millis(args.delay_ms);
+    let c = args.common.concurrency;
     let db = Db::connect(&args.common.database_url, 2).await?;
-    let first = round(logins, fake, args.common.concurrency, delay).await;
-    let after_first = db_state(&db).await?;
-    let second = round(logins, fake, args.common.concurrency, delay).await;
-    let after_second = db_state(&db).await?;
+    let mut rounds = vec![round(logins, fake, c, delay).await];
+    let mut states = vec![db_state(&db).await?];
+    rounds.push(round(logins, fake, c, delay).await);
+    states.push(db_state(&db).await?);
+    if let Some(signer) = signer {
+        // Minted now, so that none expires during the round; signing is not timed.
+        let tokens: Result<Vec<String>> = (0..args.memberships).map(|i| signer.token(i)).collect();
+        Arc::get_mut(logins)
+            .expect("no round running")
+            .access_tokens = tokens?;
+        let rate = rounds[1].per_second();
+        rounds.push(token_round(logins, rate, c).await);
+        states.push(db_state(&db).await?);
+    }
     db.close().await;
-    Ok(([first, second], [after_first, after_second]))
+    Ok((rounds, states))
 }
 
-fn checks(users: usize, rounds: &[Round; 2], states: &[DbState; 2], fake: &Fake) -> Ledger {
+fn checks(users: usize, rounds: &[Round], states: &[DbState], fake: &Fake) -> Ledger {
     let mut l = Ledger::default();
     check_round(&mut l, "round 1", &rounds[0], users, "applied");
     check_first_state(&mut l, &states[0], users);
     check_round(&mut l, "round 2", &rounds[1], users, "unchanged");
-    check_second_state(&mut l, &states[0], &states[1]);
+    check_nothing_written(&mut l, "second", &states[0], &states[1]);
+    if let (Some(third), Some(after)) = (rounds.get(2), states.get(2)) {
+        // Answered from the database: no outcome, nothing written.
+        check_round(&mut l, "round 3", third, users, "null");
+        check_nothing_written(&mut l, "third", &states[1], after);
+        l.equal(
+            "jwks fetches",
+            Fake::count(&fake.jwks_calls) as i64,
+            1,
+            "key set fetches (the first token's; then cached)",
+        );
+    }
     check_fake(&mut l, fake, users);
     l
 }
@@ -321,20 +355,27 @@ pub async fn run(args: LoginArgs) -> Result<bool> {
     if args.memberships == 0 || args.memberships > MAX_MEMBERSHIPS {
         bail!("--memberships must be 1 to {MAX_MEMBERSHIPS}");
     }
-    let (fake_url, fake) = fake_workos::start(Duration::from_millis(args.delay_ms)).await?;
+    let signer = args.token.then(Signer::new).transpose()?;
+    let jwks = signer.as_ref().map(|s| s.jwks.clone());
+    let (fake_url, fake) = fake_workos::start(Duration::from_millis(args.delay_ms), jwks).await?;
     let token = format!("bench_{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    let spec = login_spec(&args.common, fake_url.clone(), &token)?;
+    let mut spec = login_spec(&args.common, fake_url.clone(), &token)?;
+    if args.token {
+        spec.env
+            .push(("WORKOS_CLIENT_ID".into(), token::CLIENT_ID.into()));
+    }
     spec.migrate()?;
     let server = Server::start(&spec).await?;
     let mut users: Vec<usize> = (0..args.memberships).collect();
     fastrand::shuffle(&mut users);
-    let logins = Arc::new(Logins {
+    let mut logins = Arc::new(Logins {
         client: Http1::new(&server.url)?,
         token,
         users,
+        access_tokens: vec![],
     });
     logins.client.warm_up(args.common.concurrency).await?;
-    let (rounds, states) = two_rounds(&args, &logins, &fake).await?;
+    let (rounds, states) = rounds(&args, &mut logins, &fake, signer.as_ref()).await?;
     let stats = proc_stats(server.pid())?;
     let ledger = checks(args.memberships, &rounds, &states, &fake);
     let harness = direct_round(&logins, &fake_url, &fake, args.common.concurrency).await?;
@@ -397,10 +438,46 @@ async fn direct_round(
     ))
 }
 
+/// Sign-ins with a token at `rate` (round 2's, so both meet the same load; unpaced, the round would
+/// run the server flat out and measure its queue): `concurrency` senders, each waiting between its
+/// sign-ins. Latency is each request's own time (not from a due time: the timer's millisecond
+/// would count); no WorkOS call is held, so all of it is added.
+async fn token_round(logins: &Arc<Logins>, rate: f64, concurrency: usize) -> Round {
+    let gap = Duration::from_secs_f64(concurrency.max(1) as f64 / rate.max(1.0));
+    let target = logins.clone();
+    let run = send::closed_loop(logins.users.len(), concurrency, move |k| {
+        let target = target.clone();
+        async move {
+            let started = tokio::time::Instant::now();
+            let reply = target.send(k, true).await;
+            let took = started.elapsed();
+            tokio::time::sleep(gap.saturating_sub(took)).await;
+            (reply, took)
+        }
+    })
+    .await;
+    let records = run
+        .records
+        .into_iter()
+        .map(|r| send::Record {
+            index: r.index,
+            latency: r.reply.1,
+            reply: r.reply.0,
+        })
+        .collect();
+    let run = Run {
+        records,
+        elapsed: run.elapsed,
+        max_lag: run.max_lag,
+    };
+    Round::of(&run, |_| Duration::ZERO)
+}
+
+/// One round of logins by ids; "added" is each latency minus the stand-in's hold of that call.
 async fn round(logins: &Arc<Logins>, fake: &Fake, concurrency: usize, delay: Duration) -> Round {
     let target = logins.clone();
     let run = send::closed_loop(logins.users.len(), concurrency, move |k| {
-        target.clone().send(k)
+        target.clone().send(k, false)
     })
     .await;
     let held = fake.held_by_user.lock().expect("not poisoned");
@@ -414,7 +491,7 @@ async fn round(logins: &Arc<Logins>, fake: &Fake, concurrency: usize, delay: Dur
 struct LoginReport<'a> {
     args: &'a LoginArgs,
     env: Vec<String>,
-    rounds: [Round; 2],
+    rounds: Vec<Round>,
     /// How long the stand-in actually held each call.
     held: Latency,
     /// The same client calling the stand-in directly: latency minus hold.
@@ -424,9 +501,10 @@ struct LoginReport<'a> {
     ledger: Ledger,
 }
 
-const ROUND_NAMES: [&str; 2] = [
+const ROUND_NAMES: [&str; 3] = [
     "round 1 (first logins: fetch + write)",
     "round 2 (same logins: fetch, no write)",
+    "round 3 (same users, agreeing access tokens at round 2's rate: no fetch, no write)",
 ];
 
 impl LoginReport<'_> {
@@ -456,8 +534,8 @@ impl LoginReport<'_> {
         );
         let _ = writeln!(
             out,
-            "  load      {} users x 2 rounds, concurrency {}, stand-in WorkOS delay {} ms, loadgen threads {}",
-            self.args.memberships, c.concurrency, self.args.delay_ms, c.client_threads
+            "  load      {} users x {} rounds, concurrency {}, stand-in WorkOS delay {} ms, loadgen threads {}",
+            self.args.memberships, self.rounds.len(), c.concurrency, self.args.delay_ms, c.client_threads
         );
         match self.ledger.ok() {
             true => out += &self.figures_text(),

@@ -13,6 +13,7 @@ mod run;
 mod send;
 mod server;
 mod stats;
+mod token;
 mod workload;
 
 use std::path::PathBuf;
@@ -113,6 +114,10 @@ pub struct LoginArgs {
     /// Delay of every stand-in WorkOS answer, in milliseconds
     #[arg(long, default_value_t = 20)]
     pub delay_ms: u64,
+    /// A third round: each user signs in with an AuthKit access token agreeing with WorkOS (RS256,
+    /// key made with openssl, key set served by the stand-in); checks zero WorkOS calls and writes
+    #[arg(long)]
+    pub token: bool,
 }
 
 fn main() -> ExitCode {

@@ -9,6 +9,8 @@ import { fileURLToPath } from 'node:url';
 
 export const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 export const EMULATOR_API_KEY = 'sk_test_default';
+/** The AuthKit client id of the e2e runs; the emulator mints `iss` in WorkOS's documented form for it. */
+export const CLIENT_ID = 'client_e2e_local';
 export const MEMBERSHIP_EVENTS = [
   'organization_membership.created',
   'organization_membership.updated',
@@ -96,7 +98,9 @@ export function emulatorCommand() {
 export async function startEmulator() {
   const port = await freePort();
   const [command, ...args] = emulatorCommand();
-  const child = new Child('workos-emulate', command, [...args, '--port', String(port), '--host', '127.0.0.1']);
+  // The issuer is pinned to the form WorkOS mints for newer environments (else the emulator's URL).
+  const issuer = `https://api.workos.com/user_management/${CLIENT_ID}`;
+  const child = new Child('workos-emulate', command, [...args, '--port', String(port), '--host', '127.0.0.1', '--issuer', issuer]);
   const url = `http://127.0.0.1:${port}`;
   // The first start installs the emulator's runtime into a cache folder (npm), hence the wait.
   await waitFor('the WorkOS emulator', async () => (await fetch(`${url}/health`)).ok, 180_000).catch((e) => {
@@ -133,6 +137,7 @@ export function rolesyncEnv({ databaseUrl, emulator, secret, loginToken }) {
     WORKOS_API_BASE_URL: emulator.url,
     WORKOS_WEBHOOK_SECRET: secret,
     ROLESYNC_LOGIN_TOKEN: loginToken,
+    WORKOS_CLIENT_ID: CLIENT_ID,
     ROLESYNC_SYNC_INTERVAL_SECS: '0',
     ROLESYNC_LOGIN_REFRESH_SECS: '0',
     RUST_LOG: 'warn',
@@ -202,6 +207,8 @@ export function rolesyncClient(url, token) {
   const call = jsonClient(url, token);
   return {
     login: (organization_id, user_id) => call('POST', '/v1/reconcile', { organization_id, user_id }),
+    /** Sign-in with an AuthKit access token. */
+    signIn: (access_token) => call('POST', '/v1/reconcile', { access_token }),
     /** The stored row, or null when rolesync has none (404). */
     stored: async (org, user) => {
       const { status, body } = await call('GET', `/v1/memberships/${org}/${user}`);

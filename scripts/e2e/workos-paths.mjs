@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // Every healing path of rolesync, driven through WorkOS's official emulator (workos/emulate):
 // its signed webhooks apply; with the endpoint disabled, changes heal through `rolesync sync`; a
-// login heals one; a login while WorkOS fails answers from the database; an unknown slug is kept
+// login heals one; a sign-in with an AuthKit access token is answered from the database when its
+// claims agree and heals when they do not; a login while WorkOS fails answers from the database; an unknown slug is kept
 // until `roles add` and `replay --stored`. Run by scripts/test on both backends; scripts/try-locally
 // runs it with --narrate --keep.
 //
@@ -21,6 +22,8 @@
 //   same; rolesync orders a deletion after a live state of the same version).
 import assert from 'node:assert/strict';
 import {
+  CLIENT_ID,
+  EMULATOR_API_KEY,
   registerWebhook,
   rolesync,
   rolesyncClient,
@@ -113,6 +116,33 @@ async function tour(backend) {
       [login.body.role, login.body.status, login.body.source, login.body.outcome],
       ['admin', 'active', 'workos', 'applied'],
     );
+
+    say('dave signs in with AuthKit (password grant); the app passes his access token to rolesync');
+    const daveEmail = 'dave@acme.test';
+    const password = 'correct-horse-e2e-9';
+    const dave = (await api('POST', '/user_management/users', { email: daveEmail, password, email_verified: true })).id;
+    const omDave = await member(dave, 'admin');
+    const authenticate = async () =>
+      (await api('POST', '/user_management/authenticate', {
+        grant_type: 'password', client_id: CLIENT_ID, client_secret: EMULATOR_API_KEY, email: daveEmail, password,
+      })).access_token;
+    const first = await authenticate();
+    const signIns = [await rs.signIn(first), await rs.signIn(first)];
+    show('sign-in answers', signIns.map((a) => a.body));
+    assert.deepEqual(
+      signIns.map((a) => [a.status, a.body.role, a.body.source]),
+      [[200, 'admin', 'workos'], [200, 'admin', 'token']],
+      'nothing stored (no webhook): fetched; then the claims agree: answered from the database',
+    );
+    say("dave becomes member in WorkOS (no webhook); his next token says so: it disagrees, rolesync fetches and heals");
+    await setRole(omDave, 'member');
+    const stale = await rs.signIn(first);
+    assert.deepEqual([stale.body.role, stale.body.source], ['admin', 'token'], 'the old token still agrees with the stored row');
+    const healed = await rs.signIn(await authenticate());
+    show('sign-in answer', healed.body);
+    assert.deepEqual([healed.status, healed.body.role, healed.body.source, healed.body.outcome], [200, 'member', 'workos', 'applied']);
+    const forged = await rs.signIn(first.slice(0, -4) + (first.endsWith('AAAA') ? 'BBBB' : 'AAAA'));
+    assert.deepEqual([forged.status, forged.body.error], [401, 'invalid_token']);
 
     say('WorkOS fails (emulator error hook): a login answers from the database, never fails');
     const hook = await api('POST', '/_emulate/hooks', {

@@ -9,6 +9,7 @@ use crate::db::DbError;
 use crate::ingest::batcher::SubmitError;
 use crate::login::LoginError;
 use crate::signature::SignatureError;
+use crate::token::TokenError;
 
 /// Seconds a client should wait after `503 storage_unavailable`: a restarting database takes some.
 pub const STORAGE_RETRY_AFTER: &str = "5";
@@ -42,6 +43,16 @@ pub enum AppError {
     WorkosUnavailable(String),
     #[error("no such membership")]
     NotFound,
+    /// An access token that failed a check, with the reason.
+    #[error("the access token is not valid: {detail}")]
+    InvalidToken {
+        reason: &'static str,
+        detail: String,
+    },
+    #[error("no WORKOS_CLIENT_ID is configured: sign-in with an access token is off")]
+    TokenSignInDisabled,
+    #[error("WorkOS's key set could not be fetched ({0}) and none is cached")]
+    KeysUnavailable(String),
     #[error("no such route")]
     NoSuchRoute,
     #[error("this route does not take that method")]
@@ -68,6 +79,11 @@ impl AppError {
             Self::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             Self::WorkosUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "workos_unavailable"),
             Self::NotFound | Self::NoSuchRoute => (StatusCode::NOT_FOUND, "not_found"),
+            Self::InvalidToken { .. } => (StatusCode::UNAUTHORIZED, "invalid_token"),
+            Self::TokenSignInDisabled => {
+                (StatusCode::SERVICE_UNAVAILABLE, "token_sign_in_disabled")
+            }
+            Self::KeysUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "jwks_unavailable"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
         }
     }
@@ -87,7 +103,11 @@ impl IntoResponse for AppError {
         } else {
             tracing::info!(status = status.as_u16(), error = code, "request refused");
         }
-        let body = Json(json!({ "error": code, "message": self.to_string() }));
+        let mut body = json!({ "error": code, "message": self.to_string() });
+        if let Self::InvalidToken { reason, .. } = &self {
+            body["reason"] = json!(reason);
+        }
+        let body = Json(body);
         match self {
             // Nothing was stored: the sender may come back in a second (WorkOS retries on its own
             // schedule; other clients get a hint instead of a guess).
@@ -104,9 +124,20 @@ impl From<LoginError> for AppError {
     fn from(e: LoginError) -> Self {
         match e {
             LoginError::WorkosUnavailable(reason) => AppError::WorkosUnavailable(reason),
+            LoginError::NotStored => AppError::NotFound,
             LoginError::StorageUnavailable(reason) => {
                 AppError::StorageUnavailable(DbError::Unavailable(reason))
             }
+        }
+    }
+}
+
+impl From<TokenError> for AppError {
+    fn from(e: TokenError) -> Self {
+        match e {
+            TokenError::Invalid { reason, detail } => Self::InvalidToken { reason, detail },
+            TokenError::NotConfigured => Self::TokenSignInDisabled,
+            TokenError::KeysUnavailable(why) => Self::KeysUnavailable(why),
         }
     }
 }

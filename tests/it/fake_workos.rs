@@ -60,6 +60,8 @@ struct Inner {
     seen: Vec<Seen>,
     /// `GET /organizations/{id}` answers 404 (an API key of another environment), else 200.
     organizations_unknown: bool,
+    /// The answer to `GET /sso/jwks/{client_id}` (404 when unset), apart from the script.
+    jwks: Option<Reply>,
 }
 
 /// The running fake; dropped with the test's runtime.
@@ -99,6 +101,25 @@ impl FakeWorkos {
         self
     }
 
+    /// Answers every `GET /sso/jwks/{client_id}` with `reply` from now on.
+    pub fn jwks(&self, reply: Reply) -> &Self {
+        self.inner.lock().unwrap().jwks = Some(reply);
+        self
+    }
+
+    /// Requests for the key set.
+    pub fn jwks_calls(&self) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r.path.starts_with("/sso/jwks/"))
+            .count()
+    }
+
+    /// Requests other than for the key set (memberships, organizations).
+    pub fn api_calls(&self) -> usize {
+        self.calls() - self.jwks_calls()
+    }
+
     pub fn requests(&self) -> Vec<Seen> {
         self.inner.lock().unwrap().seen.clone()
     }
@@ -124,7 +145,9 @@ async fn answer(
                 .map(str::to_owned),
         });
         // Organizations are answered apart from the script, which holds the memberships pages.
-        if let Some(id) = request.uri().path().strip_prefix("/organizations/") {
+        if request.uri().path().starts_with("/sso/jwks/") {
+            inner.jwks.clone().unwrap_or_else(|| Reply::status(404))
+        } else if let Some(id) = request.uri().path().strip_prefix("/organizations/") {
             match inner.organizations_unknown {
                 true => Reply::status(404),
                 false => Reply::json(json!({"object": "organization", "id": id, "name": "Acme"})),

@@ -12,7 +12,7 @@ use crate::support::{
     assert_chain, audit_count, audit_of, membership, membership_event, v, TestApp,
 };
 
-const TOKEN: &str = "login-token-for-tests";
+pub(crate) const TOKEN: &str = "login-token-for-tests";
 
 fn login_app(db: &rolesync::db::Db, fake: &FakeWorkos, budget_ms: u64) -> TestApp {
     login_app_with(db, fake, |c| {
@@ -22,7 +22,7 @@ fn login_app(db: &rolesync::db::Db, fake: &FakeWorkos, budget_ms: u64) -> TestAp
 }
 
 /// A login-enabled app over `fake`, with further settings.
-fn login_app_with(
+pub(crate) fn login_app_with(
     db: &rolesync::db::Db,
     fake: &FakeWorkos,
     adjust: impl FnOnce(&mut rolesync::config::Config),
@@ -45,7 +45,11 @@ impl TestApp {
         .await
     }
 
-    async fn login_with(&self, token: Option<&str>, body: String) -> (StatusCode, Value) {
+    pub(crate) async fn login_with(
+        &self,
+        token: Option<&str>,
+        body: String,
+    ) -> (StatusCode, Value) {
         let mut request = Request::post("/v1/reconcile").header("content-type", "application/json");
         if let Some(token) = token {
             request = request.header("authorization", format!("Bearer {token}"));
@@ -71,7 +75,7 @@ async fn login_while_rate_limited(
     (status, answer, fake.calls())
 }
 
-fn found(user: &str, role: &str, status: &str, version: i64) -> Reply {
+pub(crate) fn found(user: &str, role: &str, status: &str, version: i64) -> Reply {
     page(
         vec![api_membership(user, role, status, &v(version).to_string())],
         None,

@@ -17,4 +17,5 @@ mod reliability;
 mod role_sets;
 mod schema;
 mod sqlite_build;
+mod token;
 mod webhook;

@@ -24,7 +24,7 @@ fn sample(exposition: &str, series: &str) -> f64 {
         .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
-async fn exposition(app: &TestApp) -> String {
+pub(crate) async fn exposition(app: &TestApp) -> String {
     let response = rolesync::http::build_router(app.state.clone())
         .oneshot_text(get("/metrics"))
         .await;
