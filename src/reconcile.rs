@@ -1,7 +1,7 @@
 //! The one idempotent reconcile: pure rules over (stored row, observation), and the transaction that applies them.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::db::store::QueuedRefetch;
 use crate::db::{BatchStore, Db, DbError, InboxRow, Key, Snapshot, WriteTx, Writes};
@@ -667,8 +667,6 @@ pub struct Plan {
     pub outcomes: Vec<Outcome>,
     /// The last row decided for each membership written.
     pub memberships: BTreeMap<Key, Membership>,
-    /// The memberships whose role set the batch changed (from what was stored before it).
-    pub role_sets: BTreeSet<Key>,
     /// Memberships to fetch again ([`Decision::refetch`]), with the event that left the set unsaid.
     pub refetches: Vec<(Refetch, String)>,
     /// Audit rows, in order.
@@ -680,12 +678,6 @@ impl Plan {
     pub fn writes(&self) -> Writes<'_> {
         Writes {
             memberships: self.memberships.values().collect(),
-            role_sets: self
-                .memberships
-                .iter()
-                .filter(|(key, _)| self.role_sets.contains(*key))
-                .map(|(_, row)| row)
-                .collect(),
             audits: &self.audits,
             refetches: Vec::new(),
         }
@@ -702,8 +694,6 @@ pub async fn plan_with<S: BatchStore>(
     now: Timestamp,
 ) -> Result<Plan, DbError> {
     let (mut rows, known) = (snapshot.memberships, snapshot.roles);
-    // The role set each written membership had before the batch.
-    let mut before: HashMap<Key, Vec<String>> = HashMap::new();
     let trails = stored_trails(store, &rows, observations).await?;
     let mut plan = Plan {
         outcomes: Vec::with_capacity(observations.len()),
@@ -718,14 +708,6 @@ pub async fn plan_with<S: BatchStore>(
         };
         let decision = decide(stored, obs, &known, history.as_ref(), now);
         if let Some(row) = decision.write {
-            let had = before
-                .entry(key.clone())
-                .or_insert_with(|| stored.map(|s| s.role_slugs.clone()).unwrap_or_default());
-            if *had != row.role_slugs {
-                plan.role_sets.insert(key.clone());
-            } else {
-                plan.role_sets.remove(&key);
-            }
             rows.insert(key.clone(), row.clone());
             plan.memberships.insert(key, row);
         }

@@ -329,7 +329,13 @@ impl KeySet {
         if had_keys {
             fetches.last_refetch = fetches.last;
         }
-        match self.fetch().await {
+        // The fetch runs as a task of its own: a client that hangs up does not cancel it halfway
+        // (which would leave the set unfetched, yet the fetch counted as made).
+        let set = self.clone();
+        let fetched = tokio::spawn(async move { set.fetch().await })
+            .await
+            .unwrap_or_else(|e| Err(format!("the key set fetch stopped: {e}")));
+        match fetched {
             Ok(()) => self
                 .cached(kid)
                 .0
@@ -351,6 +357,10 @@ impl KeySet {
             .await
             .map_err(|e| e.reason())?;
         let keys = parse_key_set(&body)?;
+        // A set with no usable key would refuse every token: the cached one stays.
+        if keys.is_empty() {
+            return Err("key_set_without_rs256_keys".into());
+        }
         tracing::info!(keys = keys.len(), "fetched WorkOS's key set");
         *self.cached.write().unwrap_or_else(|e| e.into_inner()) = Some(Cached {
             keys,

@@ -26,6 +26,9 @@ const BACKOFF_CAP: Duration = Duration::from_secs(2);
 /// gives up on a page that keeps failing instead of retrying it until the whole deadline passes.
 const RETRY_WINDOW: Duration = Duration::from_secs(30);
 const MAX_PAGES: usize = 50;
+/// Largest answer read: a page of 100 memberships is about 100 KiB, a key set a few KiB. A larger
+/// one is refused unread (it is no WorkOS answer, and would be held in memory whole).
+const MAX_ANSWER_BYTES: usize = 4 << 20;
 
 /// Why a WorkOS call gave no usable answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -341,11 +344,17 @@ impl WorkosClient {
         }
         let request = request.send();
         let response = tokio::time::timeout_at(deadline, async {
-            let response = request.await?;
+            let mut response = request.await?;
             let status = response.status();
             let headers = response.headers().clone();
-            let body = response.bytes().await?;
-            Ok::<_, reqwest::Error>((status, headers, body))
+            let mut body = Vec::new();
+            while let Some(chunk) = response.chunk().await? {
+                if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+                    return Ok((status, headers, None));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok::<_, reqwest::Error>((status, headers, Some(body)))
         })
         .await;
         let (status, headers, body) = match response {
@@ -370,7 +379,11 @@ impl WorkosClient {
             workos_request_id = request_id,
             "WorkOS answered"
         );
-        classify(status, &headers, request_id).map(|()| body.to_vec())
+        classify(status, &headers, request_id)?;
+        body.ok_or_else(|| {
+            let why = format!("an answer larger than {} MiB", MAX_ANSWER_BYTES >> 20);
+            (WorkosError::Malformed(why), None)
+        })
     }
 }
 

@@ -1,18 +1,7 @@
 -- Role sets (WorkOS's multiple roles) and the refetch queue.
 --
--- membership_roles holds the roles rolesync applied to each membership, one row per slug, kept in
--- step with memberships in the same transaction: an app with multiple roles on asks it, a
--- single-role app keeps reading memberships.role_slug (the primary role).
-CREATE TABLE membership_roles (
-    organization_id TEXT NOT NULL,
-    user_id         TEXT NOT NULL,
-    role_slug       TEXT NOT NULL,
-    PRIMARY KEY (organization_id, user_id, role_slug)
-);
-CREATE INDEX membership_roles_role_slug ON membership_roles (role_slug);
-
 -- The applied set and the set WorkOS last reported (unknown slugs included), as JSON arrays of
--- slugs, sorted: what the rules compare; membership_roles is what apps read.
+-- slugs, sorted: what the rules compare; the view membership_roles below is what apps read.
 ALTER TABLE memberships ADD COLUMN role_slugs TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE memberships ADD COLUMN workos_role_slugs TEXT NOT NULL DEFAULT '[]';
 -- Audit rows record the set before and after (JSON arrays; NULL where no row was stored, and on
@@ -21,10 +10,15 @@ ALTER TABLE role_audit ADD COLUMN old_roles TEXT;
 ALTER TABLE role_audit ADD COLUMN new_roles TEXT;
 
 -- A stored membership's set is its primary role.
-INSERT INTO membership_roles (organization_id, user_id, role_slug)
-    SELECT organization_id, user_id, role_slug FROM memberships WHERE role_slug IS NOT NULL;
 UPDATE memberships SET role_slugs = json_array(role_slug) WHERE role_slug IS NOT NULL;
 UPDATE memberships SET workos_role_slugs = json_array(workos_role_slug) WHERE workos_role_slug IS NOT NULL;
+
+-- membership_roles: one row per role a membership holds (its applied set), for an app with multiple
+-- roles on; a single-role app keeps reading memberships.role_slug (the primary role). A view over
+-- memberships.role_slugs, so it is always in step with its row and costs no write.
+CREATE VIEW membership_roles AS
+    SELECT m.organization_id, m.user_id, r.value AS role_slug
+    FROM memberships m, json_each(m.role_slugs) AS r;
 
 -- Events that change a membership's roles without carrying them (group, role and directory events)
 -- queue a refetch from the WorkOS API; the background worker drains the queue. One row per target

@@ -676,9 +676,7 @@ const READ: &str =
 /// The one write statement of a batch: memberships ($1-$8 and their role sets $28, $29), audit rows
 /// ($9-$22 and their role sets $30, $31, inserted in array order so that ids ascend in slice order),
 /// deliveries ($23-$26, inserted in array order, which the caller sorts by event id) received at
-/// $27, and the role sets that changed: their memberships ($32, $33) and every (organization, user,
-/// slug) they now hold ($34-$36). The delete and the insert of `membership_roles` touch disjoint
-/// rows (data-modifying CTEs see one snapshot, in no set order).
+/// $27.
 static WRITE: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH m AS (INSERT INTO memberships ({MEMBERSHIP_COLUMNS}) \
@@ -700,13 +698,7 @@ static WRITE: LazyLock<String> = LazyLock::new(|| {
          ORDER BY n RETURNING 1), \
          e AS (INSERT INTO webhook_events (event_id, event_type, payload, outcome, received_at) \
          SELECT r.e, r.t, r.p, r.o, $27 FROM unnest($23::text[], $24::text[], $25::text[], $26::text[]) \
-         WITH ORDINALITY AS r(e, t, p, o, n) ORDER BY n ON CONFLICT (event_id) DO NOTHING RETURNING 1), \
-         d AS (DELETE FROM membership_roles r USING unnest($32::text[], $33::text[]) AS k(org, usr) \
-         WHERE r.organization_id = k.org AND r.user_id = k.usr AND NOT EXISTS (SELECT 1 FROM \
-         unnest($34::text[], $35::text[], $36::text[]) AS s(org, usr, slug) \
-         WHERE s.org = r.organization_id AND s.usr = r.user_id AND s.slug = r.role_slug) RETURNING 1), \
-         i AS (INSERT INTO membership_roles (organization_id, user_id, role_slug) \
-         SELECT * FROM unnest($34::text[], $35::text[], $36::text[]) ON CONFLICT DO NOTHING RETURNING 1) \
+         WITH ORDINALITY AS r(e, t, p, o, n) ORDER BY n ON CONFLICT (event_id) DO NOTHING RETURNING 1) \
          SELECT COUNT(*) FROM e"
     )
 });
@@ -799,15 +791,6 @@ impl BatchStore for Store<'_> {
     ) -> Result<u64, DbError> {
         let rows = &writes.memberships;
         let entries = writes.audits;
-        let sets = &writes.role_sets;
-        let held: Vec<(&str, &str, &str)> = sets
-            .iter()
-            .flat_map(|r| {
-                r.role_slugs
-                    .iter()
-                    .map(|s| (r.organization_id.as_str(), r.user_id.as_str(), s.as_str()))
-            })
-            .collect();
         let inserted: i64 = sqlx::query_scalar(&WRITE)
             .bind(column(rows, |r| r.organization_id.as_str()))
             .bind(column(rows, |r| r.user_id.as_str()))
@@ -840,11 +823,6 @@ impl BatchStore for Store<'_> {
             .bind(column(rows, |r| slugs_text(&r.workos_role_slugs)))
             .bind(column(entries, |e| e.old_roles.as_deref().map(slugs_text)))
             .bind(column(entries, |e| e.new_roles.as_deref().map(slugs_text)))
-            .bind(column(sets, |r| r.organization_id.as_str()))
-            .bind(column(sets, |r| r.user_id.as_str()))
-            .bind(column(&held, |h| h.0))
-            .bind(column(&held, |h| h.1))
-            .bind(column(&held, |h| h.2))
             .fetch_one(&mut *self.conn)
             .await?;
         enqueue(&mut *self.conn, &writes.refetches, received_at.millis()).await?;

@@ -27,9 +27,9 @@ pub(super) const ENQUEUE_TARGET: &str = concat!(
     on_signal!()
 );
 
-/// Queues every stored, not deleted membership holding a role (`membership_roles`, which holds every
-/// membership's primary role too): event_id, reason, gone_role, now, organization_id (NULL: any),
-/// slug. One row per membership id (two stored rows may share one: PostgreSQL refuses an upsert
+/// Queues every stored, not deleted membership holding a role (the view `membership_roles`, which
+/// holds every membership's primary role too; a scan of `memberships`, for an event that is rare):
+/// event_id, reason, gone_role, now, organization_id (NULL: any), slug. One row per membership id (two stored rows may share one: PostgreSQL refuses an upsert
 /// that meets its own row twice). Parameters appear in number order (SQLite numbers `$N` names by
 /// first appearance).
 pub(super) const ENQUEUE_ROLE_HOLDERS: &str = concat!(

@@ -159,26 +159,6 @@ pub(super) fn roles_of(
     Ok(rows)
 }
 
-/// Makes `membership_roles` hold exactly each row's `role_slugs`.
-fn set_roles(conn: &Connection, rows: &[&Membership]) -> Result<(), DbError> {
-    let mut clear = conn.prepare_cached(
-        "DELETE FROM membership_roles WHERE organization_id = ?1 AND user_id = ?2",
-    )?;
-    for row in rows {
-        clear.execute([&row.organization_id, &row.user_id])?;
-    }
-    let mut add = conn.prepare_cached(
-        "INSERT INTO membership_roles (organization_id, user_id, role_slug) VALUES (?1, ?2, ?3) \
-         ON CONFLICT DO NOTHING",
-    )?;
-    for row in rows {
-        for slug in &row.role_slugs {
-            add.execute([&row.organization_id, &row.user_id, slug])?;
-        }
-    }
-    Ok(())
-}
-
 /// Every stored row (of one organization), ordered by organization then user.
 pub(super) fn memberships(
     conn: &Connection,
@@ -837,7 +817,6 @@ impl BatchStore for Store<'_> {
         received_at: Timestamp,
     ) -> Result<u64, DbError> {
         upsert_memberships(&*self.conn, &writes.memberships, self.read_ids)?;
-        set_roles(&*self.conn, &writes.role_sets)?;
         insert_audit(&*self.conn, writes.audits)?;
         enqueue(&*self.conn, &writes.refetches, received_at.millis())?;
         insert_events(&*self.conn, events, received_at)

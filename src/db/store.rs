@@ -47,12 +47,10 @@ pub struct Snapshot {
     pub roles: HashSet<String>,
 }
 
-/// The rows a batch writes: memberships inserted or replaced (each key at most once), those of them
-/// whose role set changed (whose `membership_roles` rows the write replaces), and audit rows
-/// appended in order.
+/// The rows a batch writes: memberships inserted or replaced (each key at most once; a row's role
+/// set is a column of it, which the view `membership_roles` reads), and audit rows appended in order.
 pub struct Writes<'a> {
     pub memberships: Vec<&'a Membership>,
-    pub role_sets: Vec<&'a Membership>,
     pub audits: &'a [AuditEntry],
     /// Refetches the batch's deliveries ask for, queued in `refetch_queue`.
     pub refetches: Vec<QueuedRefetch<'a>>,

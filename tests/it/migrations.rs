@@ -10,7 +10,7 @@ async fn columns(db: &Db) -> BTreeSet<(String, String)> {
     let sql = match db.backend() {
         Backend::Sqlite => {
             "SELECT m.name, p.name FROM sqlite_master m JOIN pragma_table_info(m.name) p \
-             WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' AND m.name NOT LIKE '_sqlx%'"
+             WHERE m.type IN ('table', 'view') AND m.name NOT LIKE 'sqlite_%' AND m.name NOT LIKE '_sqlx%'"
         }
         Backend::Postgres => {
             "SELECT table_name::text, column_name::text FROM information_schema.columns \
