@@ -98,10 +98,18 @@ impl From<DbError> for AppError {
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        if let Self::StorageUnavailable(cause) = &self {
-            tracing::error!(error = %cause, "storage unavailable");
-        } else {
-            tracing::info!(status = status.as_u16(), error = code, "request refused");
+        match &self {
+            Self::StorageUnavailable(cause) => {
+                tracing::error!(error = %cause, "storage unavailable")
+            }
+            // Why, without the token: an operator reading the log sees what the client was told.
+            Self::InvalidToken { reason, .. } => {
+                tracing::info!(status = status.as_u16(), error = code, reason = %reason, "request refused")
+            }
+            Self::KeysUnavailable(why) => {
+                tracing::warn!(error = code, cause = %why, "WorkOS's key set is unavailable; token sign-in refused")
+            }
+            _ => tracing::info!(status = status.as_u16(), error = code, "request refused"),
         }
         let mut body = json!({ "error": code, "message": self.to_string() });
         if let Self::InvalidToken { reason, .. } = &self {
@@ -114,6 +122,10 @@ impl IntoResponse for AppError {
             Self::Overloaded => (status, [(header::RETRY_AFTER, "1")], body).into_response(),
             Self::StorageUnavailable(_) => {
                 (status, [(header::RETRY_AFTER, STORAGE_RETRY_AFTER)], body).into_response()
+            }
+            // The key set is fetched again at most every 5 s while none is cached.
+            Self::KeysUnavailable(_) => {
+                (status, [(header::RETRY_AFTER, "5")], body).into_response()
             }
             _ => (status, body).into_response(),
         }

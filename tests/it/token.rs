@@ -308,9 +308,31 @@ both! {
         let fake = FakeWorkos::start().await;
         let app = token_app(&t.db, &fake);
         fake.jwks(Reply::status(404));
-        let (status, answer) = app.sign_in_with(&sign(&keys()[0], &claims("user_1", "admin"))).await;
+        let body = json!({"access_token": sign(&keys()[0], &claims("user_1", "admin"))}).to_string();
+        let request = axum::http::Request::post("/v1/reconcile")
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(axum::body::Body::from(body))
+            .unwrap();
+        let (status, headers, answer) = app.exchange(request).await;
         assert_eq!((status, answer["error"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("jwks_unavailable")), "{answer}");
+        assert_eq!(headers.get("retry-after").and_then(|v| v.to_str().ok()), Some("5"), "when to try again");
         assert_eq!(fake.api_calls(), 0);
+    }
+
+    async fn a_key_set_without_a_usable_key_never_replaces_a_cached_one(t) {
+        let fake = FakeWorkos::start().await;
+        let app = token_app(&t.db, &fake);
+        app.deliver(&membership_event("e1", "created", "user_1", "admin", "active", 1)).await;
+        let good = sign(&keys()[0], &claims("user_1", "admin"));
+        assert_eq!(app.sign_in_with(&good).await.1["source"], "token");
+        // A token naming another key makes rolesync fetch the set again; WorkOS answers one with no key.
+        fake.jwks(Reply::json(json!({"keys": []})));
+        let (status, answer) = app.sign_in_with(&sign(&keys()[1], &claims("user_1", "admin"))).await;
+        assert_eq!((status, answer["reason"].as_str()), (StatusCode::UNAUTHORIZED, Some("unknown_kid")), "{answer}");
+        assert_eq!(fake.jwks_calls(), 2, "one refetch");
+        let (status, answer) = app.sign_in_with(&good).await;
+        assert_eq!((status, answer["source"].as_str()), (StatusCode::OK, Some("token")), "the cached key still verifies: {answer}");
     }
 
     async fn a_token_for_another_organization_or_user_than_the_body_names_is_refused(t) {
