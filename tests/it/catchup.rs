@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::fake_workos::{api_membership, page, FakeWorkos, Reply, Seen};
 use crate::support::{
     assert_chain, audit_count, audit_of, exec, int, membership, membership_event, rows, v, TestApp,
-    TestClock, TestDb, SECRET,
+    TestClock, TestDb,
 };
 
 /// The time every syncer's clock reads, the same as `TestApp`'s.
@@ -26,19 +26,6 @@ const NOW: &str = "2026-11-25T12:00:00.000Z";
 
 fn now() -> Timestamp {
     Timestamp::parse(NOW).unwrap()
-}
-
-/// `TestApp` with its group-commit workers on the test clock too, so that `received_at` is the
-/// test clock's time (`TestApp::new` swaps the clock after the workers started on the system clock).
-fn app(db: &Db) -> TestApp {
-    let mut config = rolesync::config::Config::with_database("sqlite://unused.db").unwrap();
-    config.webhook_secret = Some(SECRET.parse().unwrap());
-    let clock = TestClock::at(NOW);
-    let state = rolesync::http::AppState::with_clock(&config, db.clone(), clock.clone());
-    TestApp {
-        state: Arc::new(state),
-        clock,
-    }
 }
 
 /// A syncer over `db` that reads the Events API of `fake`, looking back one hour on its first run.
@@ -166,7 +153,7 @@ fn applied(report: &SyncReport) -> usize {
 
 both! {
     async fn a_missed_webhook_is_healed_by_the_events_catch_up(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         let fake = FakeWorkos::start().await;
         app.deliver(&membership_event("e1", "created", "user_1", "member", "active", 1)).await;
         fake.script([page(vec![event("e2", "updated", "user_1", "admin", "active", 2)], None)]);
@@ -187,7 +174,7 @@ both! {
     }
 
     async fn an_event_delivered_by_webhook_and_then_by_sync_is_applied_once(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         let fake = FakeWorkos::start().await;
         let body = membership_event("e1", "updated", "user_1", "admin", "active", 1);
         assert_eq!(app.deliver(&body).await.1["outcome"], "applied");
@@ -201,7 +188,7 @@ both! {
     }
 
     async fn an_event_caught_up_by_sync_and_then_delivered_by_webhook_is_applied_once(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         let fake = FakeWorkos::start().await;
         let body = membership_event("e1", "updated", "user_1", "admin", "active", 1);
         fake.script([page(vec![serde_json::from_slice(&body).unwrap()], None)]);
@@ -238,7 +225,7 @@ both! {
     }
 
     async fn failed_passes_are_counted_and_readiness_reports_the_catch_up_failing(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         let fake = FakeWorkos::start().await;
         fake.always(Reply::status(401));
         let mut s = syncer(&t.db, &fake);
@@ -258,7 +245,7 @@ both! {
     }
 
     async fn a_cursor_workos_refuses_falls_back_to_the_lookback_and_resyncs_the_stored_organizations(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         let fake = FakeWorkos::start().await;
         app.deliver(&membership_event("e1", "created", "user_1", "member", "active", 1)).await;
         assert!(t.db.advance_cursor(STREAM, None, "evt_expired", now()).await.unwrap());
@@ -378,7 +365,7 @@ both! {
     }
 
     async fn resync_removes_a_membership_gone_from_workos_and_a_dry_run_writes_nothing(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         let fake = FakeWorkos::start().await;
         app.deliver(&membership_event("e1", "created", "user_1", "member", "active", 1)).await;
         app.deliver(&membership_event("e2", "created", "user_2", "member", "active", 1)).await;
@@ -420,7 +407,7 @@ both! {
     }
 
     async fn resync_skips_a_membership_it_cannot_store_and_heals_the_others(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         let fake = FakeWorkos::start().await;
         app.deliver(&membership_event("e1", "created", "user_1", "member", "active", 1)).await;
         app.deliver(&membership_event("e2", "created", "user_2", "member", "active", 1)).await;
@@ -436,7 +423,7 @@ both! {
     }
 
     async fn resync_against_an_environment_without_the_organization_changes_nothing(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         let fake = FakeWorkos::start().await;
         app.deliver(&membership_event("e1", "created", "user_1", "admin", "active", 1)).await;
         fake.organizations_unknown().always(page(vec![], None));
@@ -448,7 +435,7 @@ both! {
     }
 
     async fn resync_never_removes_a_membership_stored_while_it_lists(t) {
-        let app = Arc::new(app(&t.db));
+        let app = Arc::new(TestApp::new(&t.db));
         let fake = FakeWorkos::start().await;
         app.deliver(&membership_event("e1", "created", "user_1", "member", "active", 1)).await;
         // WorkOS serves its list before user_2 exists there; user_2's webhook lands meanwhile.
@@ -469,7 +456,7 @@ both! {
     }
 
     async fn replay_of_stored_events_applies_a_role_added_later(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         app.deliver(&membership_event("e1", "created", "user_1", "member", "active", 1)).await;
         app.deliver(&membership_event("e2", "created", "user_2", "member", "active", 1)).await;
         for (id, user) in [("e3", "user_1"), ("e4", "user_2")] {
@@ -501,7 +488,7 @@ both! {
     }
 
     async fn pruning_payloads_keeps_duplicates_detectable(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         let body = membership_event("e1", "updated", "user_1", "admin", "active", 1);
         assert_eq!(app.deliver(&body).await.1["outcome"], "applied");
         let future = Timestamp::from_millis(now().millis() + 86_400_000).unwrap();
@@ -520,7 +507,7 @@ both! {
     }
 
     async fn pruning_ids_deletes_only_rows_older_than_the_cutoff(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         app.deliver(&membership_event("e1", "created", "user_1", "member", "active", 1)).await;
         app.clock.advance_millis(2 * 3_600_000);
         app.deliver(&membership_event("e2", "updated", "user_1", "admin", "active", 2)).await;

@@ -15,23 +15,9 @@ use serde_json::{json, Value};
 
 use crate::fake_workos::{api_membership, page, FakeWorkos, Reply};
 use crate::process::{post_signed, post_webhook, Server};
-use crate::support::{
-    assert_chain, audit_of, membership, membership_event, v, TestApp, TestClock, SECRET,
-};
+use crate::support::{assert_chain, audit_of, membership, membership_event, v, TestApp, TestClock};
 
 const NOW: &str = "2026-11-25T12:00:00.000Z";
-
-/// The router with its group-commit workers on the test clock (queue times are the clock's).
-fn app(db: &Db) -> TestApp {
-    let mut config = rolesync::config::Config::with_database("sqlite://unused.db").unwrap();
-    config.webhook_secret = Some(SECRET.parse().unwrap());
-    let clock = TestClock::at(NOW);
-    let state = rolesync::http::AppState::with_clock(&config, db.clone(), clock.clone());
-    TestApp {
-        state: Arc::new(state),
-        clock,
-    }
-}
 
 fn refetcher(app: &TestApp, fake: &FakeWorkos) -> Refetcher {
     let metrics = Arc::new(Metrics::new());
@@ -89,7 +75,7 @@ fn fetches(fake: &FakeWorkos) -> Vec<String> {
 
 both! {
     async fn a_group_event_queues_one_refetch_that_heals_with_source_refetch(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         let fake = FakeWorkos::start().await;
         app.deliver(&membership_event("e1", "created", "user_1", "member", "active", 1)).await;
         // Two signals for one membership (a role given through two groups).
@@ -118,7 +104,7 @@ both! {
     }
 
     async fn a_membership_the_api_no_longer_has_is_removed(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         let fake = FakeWorkos::start().await;
         app.deliver(&membership_event("e1", "created", "user_1", "admin", "active", 1)).await;
         app.deliver(&group_event("g1", "group.member_removed", "om_user_1")).await;
@@ -131,7 +117,7 @@ both! {
     }
 
     async fn a_failed_refetch_is_retried_with_backoff_and_counted(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         let fake = FakeWorkos::start().await;
         app.deliver(&group_event("g1", "group.member_added", "om_user_1")).await;
         fake.script([Reply::status(400)]);
@@ -148,7 +134,7 @@ both! {
     }
 
     async fn a_deleted_role_falls_back_to_the_default_role_under_single_roles(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         let fake = FakeWorkos::start().await;
         assert!(t.db.add_role("editor", Timestamp::parse(NOW).unwrap()).await.unwrap());
         app.deliver(&membership_event("e1", "created", "user_1", "editor", "active", 1)).await;
@@ -172,7 +158,7 @@ both! {
     }
 
     async fn a_deleted_role_leaves_the_set_under_multiple_roles(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         let fake = FakeWorkos::start().await;
         assert!(t.db.add_role("editor", Timestamp::parse(NOW).unwrap()).await.unwrap());
         let created = event("e1", "organization_membership.created", json!({"object": "organization_membership",
@@ -192,7 +178,7 @@ both! {
     }
 
     async fn a_directory_event_resyncs_its_organization(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         let fake = FakeWorkos::start().await;
         app.deliver(&membership_event("e1", "created", "user_1", "admin", "active", 1)).await;
         let (_, body) = app.deliver(&event("d1", "dsync.user.updated", json!({"object": "directory_user",
@@ -209,7 +195,7 @@ both! {
     }
 
     async fn events_that_name_nothing_to_fetch_are_invalid_and_queue_nothing(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         let (status, body) = app.deliver(&event("g1", "group.member_added", json!({"group_id": "group_1"}))).await;
         assert_eq!(status.as_u16(), 422, "{body}");
         let (status, _) = app.deliver(&event("r1", "role.deleted", json!({"object": "role"}))).await;
@@ -220,7 +206,7 @@ both! {
     }
 
     async fn the_events_api_catch_up_feeds_the_same_queue(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         let fake = FakeWorkos::start().await;
         let metrics = Arc::new(Metrics::new());
         let syncer = Syncer {
@@ -290,7 +276,7 @@ both! {
     }
 
     async fn a_role_held_by_two_rows_of_one_membership_id_queues_it_once(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         // Two stored rows with one WorkOS membership id (nothing in WorkOS's contract forbids it).
         app.deliver(&membership_event("e1", "created", "user_1", "member", "active", 1)).await;
         let mut other: Value = serde_json::from_slice(&membership_event("e2", "created", "user_2", "member", "active", 1)).unwrap();
@@ -302,14 +288,14 @@ both! {
     }
 
     async fn a_membership_id_that_names_an_organization_target_is_refused(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         let (status, _) = app.deliver(&group_event("g1", "group.member_added", "org:org_1")).await;
         assert_eq!(status.as_u16(), 422);
         assert!(queue(&t.db).await.is_empty());
     }
 
     async fn a_row_failing_for_ever_is_abandoned_and_counted(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         let fake = FakeWorkos::start().await;
         app.deliver(&group_event("g1", "group.member_added", "om_user_1")).await;
         t.db.execute("UPDATE refetch_queue SET attempts = 15").await.unwrap();
@@ -321,7 +307,7 @@ both! {
     }
 
     async fn without_an_api_key_the_queue_is_measured_and_left_alone(t) {
-        let app = app(&t.db);
+        let app = TestApp::new(&t.db);
         app.deliver(&group_event("g1", "group.member_added", "om_user_1")).await;
         let metrics = Arc::new(Metrics::new());
         let worker = Refetcher {
