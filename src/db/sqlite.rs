@@ -92,42 +92,17 @@ pub(super) fn membership_with_role(
 ) -> Result<Option<(Membership, HashSet<String>)>, DbError> {
     let sql = format!(
         "SELECT {MEMBERSHIP_COLUMNS}, \
-         (SELECT COUNT(*) FROM roles WHERE slug = memberships.workos_role_slug) \
+         (SELECT json_group_array(slug) FROM roles WHERE slug = memberships.workos_role_slug \
+         OR slug IN (SELECT value FROM json_each(memberships.workos_role_slugs))) \
          FROM memberships WHERE organization_id = ?1 AND user_id = ?2"
     );
-    let Some((membership, primary_known)) = conn
+    Ok(conn
         .prepare_cached(&sql)?
         .query_row([organization_id, user_id], |row| {
-            Ok((membership(row)?, row.get::<_, i64>(10)? > 0))
+            let known: HashSet<String> = slugs(row, 10)?.into_iter().collect();
+            Ok((membership(row)?, known))
         })
-        .optional()?
-    else {
-        return Ok(None);
-    };
-    let known = match single_role(&membership) {
-        true => membership
-            .workos_role_slug
-            .clone()
-            .filter(|_| primary_known)
-            .into_iter()
-            .collect(),
-        false => known_of(&membership, roles(conn)?),
-    };
-    Ok(Some((membership, known)))
-}
-
-/// Whether the set WorkOS last reported is just the primary role (one role per membership): then
-/// whether that one is known says it all, with no other read.
-fn single_role(m: &Membership) -> bool {
-    m.workos_role_slugs.len() <= 1 && m.workos_role_slugs.first() == m.workos_role_slug.as_ref()
-}
-
-/// The known roles among the slugs WorkOS last reported for a membership.
-fn known_of(m: &Membership, roles: Vec<String>) -> HashSet<String> {
-    roles
-        .into_iter()
-        .filter(|s| m.workos_role_slugs.contains(s) || m.workos_role_slug.as_ref() == Some(s))
-        .collect()
+        .optional()?)
 }
 
 /// The stored row holding a WorkOS membership id, if any.
